@@ -1,0 +1,34 @@
+"""Test set-up shared by every test file.
+
+Without a GPU, Triton kernels run on CPU tensors through the interpreter; the
+variable must be set before anything imports triton, hence here, at collection.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+# Where kernel tests run: the GPU when there is one, else the CPU via TRITON_INTERPRET.
+KERNEL_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    return KERNEL_DEVICE
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``t`` filled with NaN, so unwritten outputs show up."""
+    return torch.full_like(t, float("nan"))
