@@ -1,0 +1,379 @@
+"""Batched Newton–Schulz orthogonalization in Triton.
+
+One iteration ``X <- a X + (b A + c A A) X`` with ``A = X X^T`` is three launches:
+
+1. ``_syrk_kernel``: ``A = X X^T``. Only tiles on and above the diagonal are computed;
+   each off-diagonal tile is also stored transposed below the diagonal.
+2. ``_syrk_kernel`` again: ``B = c A A^T + b A`` (A is symmetric, so ``A A = A A^T`` has
+   the same symmetric shape; the ``b A`` term is added in the epilogue).
+3. ``_update_kernel``: ``X' = B X + a X``, the ``a X`` term added in the epilogue. On the
+   last step the same epilogue writes ``beta * out + scale * X'`` straight into ``out``
+   (G's dtype and strides), so a spectral LMO / parameter update needs no extra pass.
+
+Every kernel takes the batch as grid axis 1, computes offsets in int64, masks ragged
+edges and accepts any strides. Tall matrices (m > n) are iterated on their transposed
+*view* (strides swapped), so no transpose copy is made; the Frobenius normalization is
+folded into the first iteration's loads (fp32 multiply, then cast to the compute dtype),
+so it is never a separate elementwise pass either.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ..backend import interpreting
+from ..coefficients import Coefficients, schedule
+
+# CUDA caps grid axis 1 at 65535; larger batches are launched in chunks of views.
+_MAX_GRID_Y = 65535
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def _syrk_configs() -> list[triton.Config]:
+    if interpreting():
+        # The interpreter's cost is per program; 16 is tl.dot's minimum and makes even
+        # tiny test matrices span several tiles, so mirroring and masks get exercised.
+        return [triton.Config({"BLOCK": 16, "BLOCK_K": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK": b, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for b, k, w, s in (
+            (64, 64, 4, 4),
+            (64, 32, 4, 5),
+            (128, 32, 4, 4),
+            (128, 64, 8, 3),
+            (128, 64, 4, 3),
+            (256, 32, 8, 3),
+        )
+    ]
+
+
+def _update_configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in (
+            (64, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (128, 128, 64, 8, 3),
+            (128, 128, 32, 4, 4),
+            (128, 256, 64, 8, 3),
+        )
+    ]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **_: object) -> list[triton.Config]:
+    """Drop configs whose tiles overhang the matrix by more than one halving.
+
+    A 256-wide tile on a 96-row Gram matrix is mostly masked-out work; keeping only the
+    tiles that fit (or the smallest ones when none fits) is the shape heuristic, and the
+    autotuner times what is left.
+    """
+    size = named_args["M"]
+    fit = [c for c in configs if max(c.kwargs.get("BLOCK", 0), c.kwargs.get("BLOCK_M", 0)) <= 2 * size]
+    if fit:
+        return fit
+    smallest = min(max(c.kwargs.get("BLOCK", 0), c.kwargs.get("BLOCK_M", 0)) for c in configs)
+    return [c for c in configs if max(c.kwargs.get("BLOCK", 0), c.kwargs.get("BLOCK_M", 0)) == smallest]
+
+
+@triton.jit
+def _load_scaled(ptrs, mask, in_scale, HAS_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
+    """Load a tile as the compute dtype, applying the fp32 normalization when asked."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if HAS_SCALE:
+        x = x.to(tl.float32) * in_scale
+    return x.to(COMPUTE)
+
+
+# Neither kernel writes a tensor it reads, except _update_kernel's ``Out`` when
+# HAS_BETA (it accumulates into it); that one is restored between autotuning trials.
+@triton.autotune(configs=_syrk_configs(), key=["M", "K", "BATCH", "HAS_Y"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _syrk_kernel(
+    P, Y, Out, in_scale,
+    M, K, BATCH,
+    stride_pb, stride_pm, stride_pk,
+    stride_yb, stride_ym, stride_yn,
+    stride_ob, stride_om, stride_on,
+    alpha, beta,
+    HAS_Y: tl.constexpr, HAS_SCALE: tl.constexpr,
+    COMPUTE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Out[b] = alpha * P[b] P[b]^T + beta * Y[b] for P (M, K); Y, Out (M, M) symmetric.
+
+    Grid: (number of upper-triangle tiles, batch). P is scaled by ``in_scale[b]`` on load
+    when HAS_SCALE (the first iteration reads G itself).
+    """
+    # Upper-triangle tile t, enumerated column by column: t = j (j + 1) / 2 + i, i <= j.
+    t = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    j = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    # fp32 sqrt can land one off near perfect squares; correct exactly in integers.
+    j = tl.where(j * (j + 1) // 2 > t, j - 1, j)
+    j = tl.where((j + 1) * (j + 2) // 2 <= t, j + 1, j)
+    i = t - j * (j + 1) // 2
+
+    rows = (i * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    cols = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    row_ok = rows < M
+    col_ok = cols < M
+    P = P + batch * stride_pb
+    s = 1.0
+    if HAS_SCALE:
+        s = tl.load(in_scale + batch)
+
+    acc = tl.zeros((BLOCK, BLOCK), dtype=ACC)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = k0 * BLOCK_K + ks
+        k_ok = kk < K
+        lhs = _load_scaled(P + rows[:, None] * stride_pm + kk[None, :] * stride_pk,
+                           row_ok[:, None] & k_ok[None, :], s, HAS_SCALE, COMPUTE)
+        rhs = _load_scaled(P + cols[None, :] * stride_pm + kk[:, None] * stride_pk,
+                           k_ok[:, None] & col_ok[None, :], s, HAS_SCALE, COMPUTE)
+        acc = tl.dot(lhs, rhs, acc, input_precision=PRECISION, out_dtype=ACC)
+
+    acc = acc * alpha
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_Y:
+        Y = Y + batch * stride_yb
+        y = tl.load(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, mask=tile_ok, other=0.0)
+        acc += beta * y.to(ACC)
+    Out = Out + batch * stride_ob
+    result = acc.to(Out.dtype.element_ty)
+    tl.store(Out + rows[:, None] * stride_om + cols[None, :] * stride_on, result, mask=tile_ok)
+    if i != j:  # mirror below the diagonal; a diagonal tile already holds both halves
+        tl.store(Out + cols[:, None] * stride_om + rows[None, :] * stride_on, tl.trans(result),
+                 mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.autotune(
+    configs=_update_configs(),
+    key=["M", "N", "BATCH", "HAS_BETA"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["Out"],
+)
+@triton.jit
+def _update_kernel(
+    Bm, X, Out, in_scale,
+    M, N, BATCH,
+    stride_bb, stride_bm, stride_bk,
+    stride_xb, stride_xm, stride_xn,
+    stride_ob, stride_om, stride_on,
+    a, out_scale, beta,
+    HAS_SCALE: tl.constexpr, HAS_BETA: tl.constexpr,
+    COMPUTE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Out[b] = out_scale * (Bm[b] X[b] + a X[b]) (+ beta * Out[b] when HAS_BETA).
+
+    Bm (M, M), X and Out (M, N). Grid: (output tiles, batch), tiles grouped GROUP_M rows
+    at a time so consecutive programs share Bm rows in L2.
+    """
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    row_ok = rows < M
+    col_ok = cols < N
+    Bm = Bm + batch * stride_bb
+    X = X + batch * stride_xb
+    s = 1.0
+    if HAS_SCALE:
+        s = tl.load(in_scale + batch)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, tl.cdiv(M, BLOCK_K)):
+        kk = k0 * BLOCK_K + ks
+        k_ok = kk < M
+        lhs = tl.load(Bm + rows[:, None] * stride_bm + kk[None, :] * stride_bk,
+                      mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
+        rhs = _load_scaled(X + kk[:, None] * stride_xm + cols[None, :] * stride_xn,
+                           k_ok[:, None] & col_ok[None, :], s, HAS_SCALE, COMPUTE)
+        acc = tl.dot(lhs, rhs, acc, input_precision=PRECISION, out_dtype=ACC)
+
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    x = _load_scaled(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, tile_ok, s, HAS_SCALE, COMPUTE)
+    acc = (acc + a * x.to(ACC)) * out_scale
+    Out = Out + batch * stride_ob
+    out_ptrs = Out + rows[:, None] * stride_om + cols[None, :] * stride_on
+    if HAS_BETA:  # read `out` only when asked: an unwritten (e.g. NaN) out must not leak in
+        acc += beta * tl.load(out_ptrs, mask=tile_ok, other=0.0).to(ACC)
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=tile_ok)
+
+
+def _precision(compute: torch.dtype) -> str:
+    # fp32 iteration honours torch's TF32 switch, like the twin's matmuls do.
+    if compute == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _chunks(batch: int):
+    for start in range(0, batch, _MAX_GRID_Y):
+        yield slice(start, min(start + _MAX_GRID_Y, batch))
+
+
+def syrk(
+    P: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    Y: torch.Tensor | None = None,
+    beta: float = 0.0,
+    in_scale: torch.Tensor | None = None,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``out = alpha * P P^T + beta * Y`` per batch entry, computing only upper tiles.
+
+    Args:
+        P: (batch, M, K), any strides and float dtype.
+        out: (batch, M, M), written (never read).
+        Y: optional symmetric (batch, M, M) addend.
+        in_scale: optional fp32 (batch,) factor applied to P on load, before the cast
+            to ``compute_dtype``.
+        compute_dtype: dtype of the tl.dot operands; accumulation is fp32 (fp64 for fp64).
+    """
+    batch, M, K = P.shape
+    acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
+    y = out if Y is None else Y  # a placeholder pointer when HAS_Y is False
+    for part in _chunks(batch):
+        p, o, yy = P[part], out[part], y[part]
+        scale = in_scale[part] if in_scale is not None else o
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK"]) * (triton.cdiv(M, meta["BLOCK"]) + 1) // 2, p.shape[0])
+        _syrk_kernel[grid](
+            p, yy, o, scale,
+            M, K, p.shape[0],
+            *p.stride(), *yy.stride(), *o.stride(),
+            float(alpha), float(beta),
+            HAS_Y=Y is not None, HAS_SCALE=in_scale is not None,
+            COMPUTE=_TL_DTYPES[compute_dtype], ACC=acc, PRECISION=_precision(compute_dtype),
+        )
+    return out
+
+
+def update(
+    Bm: torch.Tensor,
+    X: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    a: float,
+    out_scale: float = 1.0,
+    beta: float = 0.0,
+    in_scale: torch.Tensor | None = None,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``out = out_scale * (Bm X + a X) + beta * out`` per batch entry.
+
+    Args:
+        Bm: (batch, M, M); X: (batch, M, N); out: (batch, M, N), any strides and float
+            dtypes; ``out`` is read only when ``beta != 0``.
+        in_scale: optional fp32 (batch,) factor applied to X on load (both uses).
+        compute_dtype: dtype of the tl.dot operands; accumulation is fp32 (fp64 for fp64).
+    """
+    batch, M, N = X.shape
+    acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
+    for part in _chunks(batch):
+        b, x, o = Bm[part], X[part], out[part]
+        scale = in_scale[part] if in_scale is not None else o
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), x.shape[0])
+        _update_kernel[grid](
+            b, x, o, scale,
+            M, N, x.shape[0],
+            *b.stride(), *x.stride(), *o.stride(),
+            float(a), float(out_scale), float(beta),
+            HAS_SCALE=in_scale is not None, HAS_BETA=beta != 0.0,
+            COMPUTE=_TL_DTYPES[compute_dtype], ACC=acc, PRECISION=_precision(compute_dtype),
+        )
+    return out
+
+
+def _batched_view(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as (batch, m, n) without copying, or None when its strides forbid a view."""
+    try:
+        return t.view(-1, *t.shape[-2:])
+    except RuntimeError:
+        return None
+
+
+def orthogonalize(
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients: Coefficients = "polar_express",
+    eps: float = 1e-7,
+    out: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    scale: float = 1.0,
+    beta: float = 0.0,
+) -> torch.Tensor:
+    """Triton Newton–Schulz: ``out = beta * out + scale * UV^T(G)``; see ``ops.orthogonalize``.
+
+    This is the entry point for fused spectral-LMO updates: with ``out`` a parameter,
+    ``scale = -lr * rho`` and ``beta = 1 - lr * weight_decay`` the last kernel's epilogue
+    applies the whole update. Inputs are assumed validated (``ops.orthogonalize`` does it).
+
+    Args:
+        G: (..., m, n) float tensor on a CUDA device (or CPU under TRITON_INTERPRET=1).
+        out: optional (..., m, n) tensor of G's dtype; read only when ``beta != 0``.
+        compute_dtype: dtype of the iteration; bf16 on CUDA, fp32 elsewhere by default.
+    """
+    sched = schedule(coefficients, steps)
+    compute = compute_dtype or reference.default_compute_dtype(G.device)
+    if out is None:
+        out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
+    m, n = G.shape[-2:]
+    if out.numel() == 0:
+        return out
+    if not sched.triples:  # zero steps is the normalization alone; there is no iteration to fuse it into
+        return reference.orthogonalize(G, 0, coefficients, eps, out, compute, scale, beta)
+
+    G3 = _batched_view(G)
+    if G3 is None:
+        G3 = G.reshape(-1, m, n)
+    O3 = _batched_view(out)
+    # The last update reads X across whole columns while writing `out`; if `out` is
+    # G's memory and X is still G (one step) the reads would race the writes.
+    aliased = steps == 1 and out.untyped_storage().data_ptr() == G.untyped_storage().data_ptr()
+    target = O3 if O3 is not None and not aliased else out.reshape(-1, m, n).clone()
+
+    inv_norm = reference.inverse_norm(G3, sched.safety, eps).reshape(-1)
+    tall = m > n
+    X = G3.mT if tall else G3  # the wide orientation, as a strided view
+    dst_final = target.mT if tall else target
+    batch, rows, cols = X.shape
+    gram = torch.empty(batch, rows, rows, dtype=compute, device=G.device)
+    poly = torch.empty_like(gram)
+    buffers = [torch.empty(batch, rows, cols, dtype=compute, device=G.device) for _ in range(min(steps - 1, 2))]
+
+    src, src_scale = X, inv_norm
+    for t, (a, b, c) in enumerate(sched.triples):
+        last = t == steps - 1
+        syrk(src, gram, in_scale=src_scale, compute_dtype=compute)
+        syrk(gram, poly, alpha=c, Y=gram, beta=b, compute_dtype=compute)
+        dst = dst_final if last else buffers[t % 2]
+        update(poly, src, dst, a=a, out_scale=scale if last else 1.0, beta=beta if last else 0.0,
+               in_scale=src_scale, compute_dtype=compute)
+        src, src_scale = dst, None
+    if target is not O3:
+        out.copy_(target.view(out.shape))
+    return out
