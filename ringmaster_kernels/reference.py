@@ -64,3 +64,173 @@ def orthogonalize(
         return result.contiguous()
     out.copy_(result)
     return out
+
+
+# ---------------------------------------------------------------- Norms and LMO step
+# Direct formulas, written out per norm so that they check the catalogue in norms.py
+# and the fused kernels independently. Math runs in fp32 (fp64 for fp64 input).
+# Units: "spectral", "colnorm", "rownorm" act per matrix on the last two dims;
+# "sign", "l2", "l1" per matrix too, or on the whole vector of a 1-D input;
+# "bias_rms" per vector along the last dim.
+def _wide(G: torch.Tensor) -> torch.Tensor:
+    return G.to(torch.promote_types(G.dtype, torch.float32))
+
+
+def _entry_dims(G: torch.Tensor) -> tuple[int, ...]:
+    return (-2, -1) if G.dim() >= 2 else (-1,)
+
+
+def safe_reciprocal(n: torch.Tensor) -> torch.Tensor:
+    """``1 / n`` with ``1 / 0 = 0``: a zero unit gets a zero step, not 0/0 = NaN.
+
+    NaN and inf still propagate (``inf * 0`` and ``NaN`` downstream), which is the
+    documented behaviour for non-finite gradients.
+    """
+    return torch.where(n == 0, torch.zeros_like(n), 1.0 / n)
+
+
+def spectral_factor(rows: int, cols: int, scale: str) -> float:
+    """Radius multiplier of the spectral ball for a (rows=d_out, cols=d_in) matrix.
+
+    ``"none"``: 1; ``"scion"``: sqrt(d_out / d_in) (the RMS->RMS operator norm ball);
+    ``"muon"``: sqrt(max(1, d_out / d_in)) (Muon's shape scale).
+    """
+    if scale == "none":
+        return 1.0
+    if scale == "scion":
+        return (rows / cols) ** 0.5
+    if scale == "muon":
+        return max(1.0, rows / cols) ** 0.5
+    raise ValueError(f"scale must be one of ('none', 'scion', 'muon'), got {scale!r}")
+
+
+def _lmo_spectral(X, G, radius, scale, steps, coefficients, eps):
+    D = orthogonalize(G, steps, coefficients, eps).to(X.dtype)
+    return D * (-radius * spectral_factor(G.size(-2), G.size(-1), scale))
+
+
+def _lmo_sign(X, radius):
+    return -radius * torch.sign(X)
+
+
+def _lmo_l2(X, radius):
+    return X * (-radius * safe_reciprocal(torch.linalg.vector_norm(X, dim=_entry_dims(X), keepdim=True)))
+
+
+def _lmo_l1(X, radius):
+    flat = X.flatten(-2) if X.dim() >= 2 else X
+    j = flat.abs().argmax(dim=-1, keepdim=True)
+    D = torch.zeros_like(flat).scatter_(-1, j, -radius * torch.sign(flat.gather(-1, j)))
+    return D.view_as(X)
+
+
+def _lmo_colnorm(X, radius):
+    col = torch.linalg.vector_norm(X, dim=-2, keepdim=True)
+    return X * (-radius * X.size(-2) ** 0.5 * safe_reciprocal(col))
+
+
+def _lmo_rownorm(X, radius):
+    row = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+    return X * (-radius / X.size(-1) ** 0.5 * safe_reciprocal(row))
+
+
+def _lmo_bias_rms(X, radius):
+    vec = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+    return X * (-radius * X.size(-1) ** 0.5 * safe_reciprocal(vec))
+
+
+_LMO = {
+    "sign": _lmo_sign,
+    "l2": _lmo_l2,
+    "l1": _lmo_l1,
+    "colnorm": _lmo_colnorm,
+    "rownorm": _lmo_rownorm,
+    "bias_rms": _lmo_bias_rms,
+}
+
+
+def lmo(
+    G: torch.Tensor,
+    norm: str,
+    radius: float = 1.0,
+    *,
+    scale: str = "none",
+    steps: int = 5,
+    coefficients: Coefficients = "polar_express",
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """``argmin_{||Z|| <= radius} <G, Z>`` in G's shape and dtype; see ``norms.lmo``.
+
+    The keyword options only matter for ``"spectral"`` (its Newton–Schulz and scale).
+    """
+    X = _wide(G)
+    if norm == "spectral":
+        D = _lmo_spectral(X, G, radius, scale, steps, coefficients, eps)
+    else:
+        D = _LMO[norm](X, radius)
+    return D.to(G.dtype)
+
+
+def _nuclear(X):
+    return torch.linalg.matrix_norm(X, ord="nuc")
+
+
+_DUAL = {
+    "spectral": lambda X, s: s * _nuclear(X),
+    "sign": lambda X, s: X.abs().sum(dim=_entry_dims(X)),
+    "l2": lambda X, s: torch.linalg.vector_norm(X, dim=_entry_dims(X)),
+    "l1": lambda X, s: X.abs().amax(dim=_entry_dims(X)),
+    "colnorm": lambda X, s: X.size(-2) ** 0.5 * torch.linalg.vector_norm(X, dim=-2).sum(-1),
+    "rownorm": lambda X, s: torch.linalg.vector_norm(X, dim=-1).sum(-1) / X.size(-1) ** 0.5,
+    "bias_rms": lambda X, s: X.size(-1) ** 0.5 * torch.linalg.vector_norm(X, dim=-1),
+}
+
+_PRIMAL = {
+    "spectral": lambda X, s: torch.linalg.matrix_norm(X, ord=2) / s,
+    "sign": lambda X, s: X.abs().amax(dim=_entry_dims(X)),
+    "l2": lambda X, s: torch.linalg.vector_norm(X, dim=_entry_dims(X)),
+    "l1": lambda X, s: X.abs().sum(dim=_entry_dims(X)),
+    "colnorm": lambda X, s: torch.linalg.vector_norm(X, dim=-2).amax(-1) / X.size(-2) ** 0.5,
+    "rownorm": lambda X, s: X.size(-1) ** 0.5 * torch.linalg.vector_norm(X, dim=-1).amax(-1),
+    "bias_rms": lambda X, s: torch.linalg.vector_norm(X, dim=-1) / X.size(-1) ** 0.5,
+}
+
+
+def _spectral_s(G: torch.Tensor, norm: str, scale: str) -> float:
+    return spectral_factor(G.size(-2), G.size(-1), scale) if norm == "spectral" else 1.0
+
+
+def dual_norm(G: torch.Tensor, norm: str, *, scale: str = "none") -> torch.Tensor:
+    """Dual norm of G per unit, shape = G's batch dims, fp32 (fp64 for fp64 G); see ``norms.dual_norm``."""
+    return _DUAL[norm](_wide(G), _spectral_s(G, norm, scale))
+
+
+def primal_norm(G: torch.Tensor, norm: str, *, scale: str = "none") -> torch.Tensor:
+    """The norm itself per unit (the ball is ``primal_norm <= radius``); see ``norms.primal_norm``."""
+    return _PRIMAL[norm](_wide(G), _spectral_s(G, norm, scale))
+
+
+def lmo_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momenta: list[torch.Tensor],
+    *,
+    norm: str,
+    lr: float,
+    beta: float,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    radius: float = 1.0,
+    **options,
+) -> None:
+    """One LMO-momentum step per tensor, in place; see ``ops.lmo_step_``.
+
+    ``m <- beta m + (1 - beta) g`` (fp32), ``u = beta m + (1 - beta) g`` (Nesterov) or
+    ``u = m``, then ``x <- (1 - lr wd) x + lr lmo(u)``, rounded once into x's dtype.
+    """
+    for x, g, m in zip(params, grads, momenta):
+        g32 = g.to(m.dtype)
+        m.mul_(beta).add_(g32, alpha=1.0 - beta)
+        u = beta * m + (1.0 - beta) * g32 if nesterov else m
+        d = lmo(u, norm, radius, **options)
+        x.copy_(_wide(x) * (1.0 - lr * weight_decay) + lr * d)
