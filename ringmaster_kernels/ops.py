@@ -84,3 +84,118 @@ def orthogonalize(
 
         return newton_schulz.orthogonalize(G, steps, coefficients, eps, out, compute_dtype, scale, beta)
     return reference.orthogonalize(G, steps, coefficients, eps, out, compute_dtype, scale, beta)
+
+
+# ---------------------------------------------------------------- fused LMO step
+def _check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _check_lists(spec, params, grads, momenta) -> list[torch.Tensor]:
+    """Validate the three lists; return grads, made contiguous where they were not."""
+    from .norms import check_tensor
+
+    lists = {"params": params, "grads": grads, "momenta": momenta}
+    for name, seq in lists.items():
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    if not len(params) == len(grads) == len(momenta):
+        raise ValueError(
+            f"params, grads and momenta must have the same length, got {len(params)}, {len(grads)}, {len(momenta)}"
+        )
+    device = params[0].device if params and isinstance(params[0], torch.Tensor) else None
+    for i, (x, g, m) in enumerate(zip(params, grads, momenta)):
+        for name, t in (("params", x), ("grads", g), ("momenta", m)):
+            check_tensor(f"{name}[{i}]", t, spec)
+            if t.shape != x.shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, params[{i}] has {tuple(x.shape)}")
+            if t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device}, params[0] on {device}: one device per call")
+        if m.dtype != torch.float32:
+            raise TypeError(f"momenta[{i}] must be float32 (fp32 state for every param dtype), got {m.dtype}")
+        for name, t in (("params", x), ("momenta", m)):
+            if not t.is_contiguous():
+                raise ValueError(f"{name}[{i}] must be contiguous: it is updated in place")
+    return [g.contiguous() for g in grads]
+
+
+def lmo_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momenta: list[torch.Tensor],
+    *,
+    norm: str,
+    lr: float,
+    beta: float,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    radius: float = 1.0,
+    backend: str | None = "auto",
+    **options,
+) -> None:
+    """One fused LMO-momentum step for a list of same-norm parameters, in place.
+
+    Per tensor, with fp32 math::
+
+        m <- beta * m + (1 - beta) * g
+        u  = beta * m + (1 - beta) * g   if nesterov else m
+        x <- (1 - lr * weight_decay) * x + lr * lmo(u, norm, radius)
+
+    ``x`` is rounded once into its own dtype. Muon is ``norm="spectral",
+    scale="muon", nesterov=True``; Scion's constrained step is ``weight_decay=1``.
+
+    Args:
+        params: tensors updated in place; fp32, fp16, bf16 (or fp64: the kernels still
+            compute in fp32), contiguous; shapes as ``norms.lmo`` accepts for ``norm``.
+        grads: same shapes; any float dtype; non-contiguous ones are copied first.
+        momenta: fp32 state of the same shapes, contiguous, updated in place.
+        norm: a name in ``norms.KNOWN``; ``**options`` are its options (spectral:
+            ``scale``, ``steps``, ``coefficients``, ``eps``).
+        lr, weight_decay: finite reals. beta: in [0, 1]. radius: finite, >= 0.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (``$RINGMASTER_BACKEND`` applies
+            for ``"auto"``). On Triton the whole list is a few launches: sign is one
+            pass over (g, m, x); l2/rownorm/colnorm/bias_rms two; spectral and l1 a
+            momentum pass writing u, the direction (batched Newton–Schulz per shape),
+            and one update pass.
+
+    Zero gradients and zero state give a zero LMO (x only decays), never NaN. A
+    non-finite gradient poisons that tensor's momentum and makes the affected units
+    of x NaN (see ``norms``): skip the step upstream if that must not happen.
+    """
+    from . import norms
+
+    spec = norms.get(norm)
+    opts = norms.resolve_options(spec, options)
+    radius = norms.check_radius(radius)
+    lr = _check_real("lr", lr)
+    beta = _check_real("beta", beta, 0.0, 1.0)
+    weight_decay = _check_real("weight_decay", weight_decay)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+    grads = _check_lists(spec, params, grads, momenta)
+    live = [i for i, x in enumerate(params) if x.numel() > 0]
+    if not live:
+        return
+    params, grads, momenta = ([seq[i] for i in live] for seq in (params, grads, momenta))
+    hyper = dict(lr=lr, beta=beta, nesterov=nesterov, weight_decay=weight_decay, radius=radius)
+    with torch.no_grad():
+        if resolve_backend(backend, *params, *grads, *momenta) == "torch":
+            reference.lmo_step_(params, grads, momenta, norm=norm, **hyper, **opts)
+            return
+        from .kernels import lmo as lmo_kernels
+
+        if norm == "spectral":
+            def direction(buf: torch.Tensor) -> None:
+                orthogonalize(buf, opts["steps"], opts["coefficients"], opts["eps"], out=buf, backend=backend)
+        else:
+            def direction(buf: torch.Tensor) -> None:
+                buf.copy_(reference.lmo(buf, norm).neg_())
+        lmo_kernels.lmo_step_(
+            params, grads, momenta, spec, **hyper, scale=opts.get("scale", "none"),
+            direction=direction,
+            direction_dtype=reference.default_compute_dtype(params[0].device) if norm == "spectral" else torch.float32,
+        )

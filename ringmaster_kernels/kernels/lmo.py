@@ -1,0 +1,309 @@
+"""Triton kernels for the norm-ball LMOs and the fused momentum -> LMO -> update step.
+
+Two kernels serve every norm and both public entry points (``norms.lmo`` and
+``ops.lmo_step_``), steered by constexpr flags:
+
+* ``_stats_kernel`` (pass 1, only for norms that need a reduction or a whole-matrix
+  direction): reads g (and m), writes the new momentum m, optionally writes
+  ``u`` (the LMO input) into a buffer for Newton–Schulz, and adds the squares of u
+  into per-row or per-column fp32 sums with atomics.
+* ``_update_kernel`` (pass 2): ``x <- decay * x + coef * factor * inv_norm * f(u)``
+  with ``f = sign`` or identity, u taken from g, from the momentum (fused here for
+  sign, so sign is one pass reading g, m, x and writing m, x), from the stored
+  momentum, or from a finished direction buffer (spectral, l1).
+
+Multi-tensor launch. Each tensor of a list is seen as a row-major (R, C) matrix
+(C = its last dim) and cut into (BR, BC) tiles; one grid runs over the tiles of every
+tensor. A per-tensor int64 table holds the raw addresses of x, g, m, u and the layout
+ints, and a per-tile table names (tensor, first row, first column, end row). Kernels
+turn an address back into a typed pointer with ``.to(ptr_type, bitcast=True)``.
+Why addresses rather than concatenated flat buffers: parameters, gradients and state
+stay where the model and optimizer put them, so there is no gather/scatter copy
+(which would double the traffic of a memory-bound op). Both real CUDA and the
+``TRITON_INTERPRET=1`` interpreter (which dereferences host addresses of CPU tensors)
+run it. The tile table depends on shapes only and is cached; the small address table
+is rebuilt each call (gradients may be new tensors every step).
+
+Reductions: "rows" groups sum every row into its group ``row // RG`` (RG = 1 per row,
+RG = m per matrix for the Frobenius norm); "cols" sums a tile's rows per column, with
+tiles never crossing a matrix, into group ``(row0 // H) * C + col`` (H = m). The
+atomics make the fp32 sums' rounding order run-dependent on a GPU (bitwise
+non-deterministic at the 1e-7 level).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpreting
+
+# Elements per tile. In the interpreter the cost is per program, so tiles are larger.
+_TILE = 4096
+_TILE_INTERPRET = 16384
+_MAX_BC = 256
+
+# constexpr codes
+_REDUCE = {"sign": 0, "direction": 0, "unit": 1, "rows": 1, "cols": 2}
+SRC_G, SRC_MOMENTUM, SRC_STATE, SRC_DIRECTION = 0, 1, 2, 3
+
+
+@triton.jit
+def _tile(tiles, itab, BR: tl.constexpr, BC: tl.constexpr):
+    """Indices and mask of this program's tile and its tensor's table row."""
+    pid = tl.program_id(0)
+    t = tl.load(tiles + pid * 4)
+    r0 = tl.load(tiles + pid * 4 + 1)
+    c0 = tl.load(tiles + pid * 4 + 2)
+    r_end = tl.load(tiles + pid * 4 + 3)
+    row = itab + t * 8  # 8 int64 fields: x, g, m, u, C, H, RG, stats base
+    C = tl.load(row + 4)
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    row_ok = rows < r_end
+    col_ok = cols < C
+    offs = rows[:, None] * C + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    return t, row, r0, C, rows, cols, row_ok, col_ok, offs, mask
+
+
+@triton.jit
+def _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV: tl.constexpr, STORE_M: tl.constexpr):
+    """fp32 ``m <- beta m + (1 - beta) g``; returns (g, u) with u the LMO input."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    m = beta * m + (1.0 - beta) * g
+    if STORE_M:
+        tl.store(m_ptr + offs, m, mask=mask)
+    if NESTEROV:
+        u = beta * m + (1.0 - beta) * g
+    else:
+        u = m
+    return u
+
+
+@triton.jit
+def _stats_kernel(
+    tiles, itab, stats, beta, G0, M0, U0,
+    BR: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, REDUCE: tl.constexpr,
+):
+    t, row, r0, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC)
+    g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
+    if MOMENTUM:
+        m_ptr = tl.load(row + 2).to(M0.dtype, bitcast=True)
+        u = _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV, True)
+    else:
+        u = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if WRITE_U:
+        u_ptr = tl.load(row + 3).to(U0.dtype, bitcast=True)
+        tl.store(u_ptr + offs, u.to(U0.dtype.element_ty), mask=mask)
+    sbase = tl.load(row + 7)
+    if REDUCE == 1:
+        rg = tl.load(row + 6)
+        tl.atomic_add(stats + sbase + rows // rg, tl.sum(u * u, axis=1), mask=row_ok, sem="relaxed")
+    if REDUCE == 2:
+        h = tl.load(row + 5)
+        tl.atomic_add(stats + sbase + (r0 // h) * C + cols, tl.sum(u * u, axis=0), mask=col_ok, sem="relaxed")
+
+
+@triton.jit
+def _update_kernel(
+    tiles, itab, ftab, stats, beta, coef, decay, X0, G0, M0, U0,
+    BR: tl.constexpr, BC: tl.constexpr,
+    SOURCE: tl.constexpr, NESTEROV: tl.constexpr, REDUCE: tl.constexpr,
+    SIGN: tl.constexpr, HAS_X: tl.constexpr,
+):
+    t, row, r0, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC)
+    if SOURCE == 0:
+        g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
+        u = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SOURCE == 1:
+        g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
+        m_ptr = tl.load(row + 2).to(M0.dtype, bitcast=True)
+        u = _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV, True)
+    if SOURCE == 2:
+        m_ptr = tl.load(row + 2).to(M0.dtype, bitcast=True)
+        u = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        if NESTEROV:
+            g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
+            u = beta * u + (1.0 - beta) * tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SOURCE == 3:
+        u_ptr = tl.load(row + 3).to(U0.dtype, bitcast=True)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SIGN:
+        # torch.sign semantics: 0 -> 0 and NaN -> NaN
+        u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u))
+    step = coef * tl.load(ftab + t) * u
+    sbase = tl.load(row + 7)
+    if REDUCE == 1:
+        rg = tl.load(row + 6)
+        s = tl.load(stats + sbase + rows // rg, mask=row_ok, other=1.0)
+        # 1/0 -> 0: a zero unit takes a zero step; NaN/inf sums still propagate
+        step = step * tl.where(s == 0, 0.0, 1.0 / tl.sqrt(s))[:, None]
+    if REDUCE == 2:
+        h = tl.load(row + 5)
+        s = tl.load(stats + sbase + (r0 // h) * C + cols, mask=col_ok, other=1.0)
+        step = step * tl.where(s == 0, 0.0, 1.0 / tl.sqrt(s))[None, :]
+    x_ptr = tl.load(row).to(X0.dtype, bitcast=True)
+    if HAS_X:
+        step = decay * tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + step
+    tl.store(x_ptr + offs, step.to(X0.dtype.element_ty), mask=mask)
+
+
+def _layout(shape: torch.Size, mode: str, unit_rows: int) -> tuple[int, int, int, int, int]:
+    """(R, C, H, RG, n_stats) of a tensor viewed as row-major (R, C) for ``mode``."""
+    C = shape[-1]
+    R = shape.numel() // C if C else 0
+    if mode == "unit":
+        return R, C, R, unit_rows, R // unit_rows if R else 0
+    if mode == "rows":
+        return R, C, R, 1, R
+    if mode == "cols":
+        return R, C, unit_rows, 1, (R // unit_rows) * C if R else 0
+    return R, C, R, 1, 0
+
+
+def _blocks(layouts: Sequence[tuple[int, ...]]) -> tuple[int, int]:
+    tile = _TILE_INTERPRET if interpreting() else _TILE
+    max_c = max(lay[1] for lay in layouts)
+    max_h = max(lay[2] for lay in layouts)
+    bc = min(triton.next_power_of_2(max_c), _MAX_BC)
+    br = max(1, min(tile // bc, triton.next_power_of_2(max_h)))
+    return br, bc
+
+
+@functools.lru_cache(maxsize=128)
+def _tile_table(shapes: tuple[tuple[int, int, int], ...], br: int, bc: int, device: torch.device) -> torch.Tensor:
+    """int64 (n_tiles, 4): tensor index, first row, first column, end row (exclusive)."""
+    parts = []
+    for t, (R, C, H) in enumerate(shapes):
+        if R == 0 or C == 0:
+            continue
+        units, rb, cb = R // H, -(-H // br), -(-C // bc)
+        k = torch.arange(units * rb * cb, dtype=torch.int64)
+        unit = k // (rb * cb)
+        r0 = unit * H + (k // cb) % rb * br
+        parts.append(torch.stack([torch.full_like(k, t), r0, k % cb * bc, (unit + 1) * H], dim=1))
+    table = torch.cat(parts) if parts else torch.zeros((0, 4), dtype=torch.int64)
+    return table.to(device)
+
+
+class _Launch:
+    """Tables for one multi-tensor launch: tensors sharing device and dtypes."""
+
+    def __init__(self, xs, gs, ms, us, layouts, factors, device):
+        self.layouts = layouts
+        self.br, self.bc = _blocks(layouts)
+        self.tiles = _tile_table(tuple(lay[:3] for lay in layouts), self.br, self.bc, device)
+        rows, sbase = [], 0
+        for x, g, m, u, (R, C, H, RG, n_stats) in zip(xs, gs, ms, us, layouts):
+            rows.append([_addr(x), _addr(g), _addr(m), _addr(u), C, H, RG, sbase])
+            sbase += n_stats
+        self.itab = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        self.ftab = torch.tensor(factors, dtype=torch.float32).to(device, non_blocking=True)
+        self.stats = torch.zeros(max(sbase, 1), dtype=torch.float32, device=device)
+        # typed placeholders: kernels take pointer types from these
+        self.x0, self.g0 = xs[0], gs[0]
+        self.m0 = ms[0] if ms[0] is not None else self.stats
+        self.u0 = us[0] if us[0] is not None else self.stats
+
+    def stats_pass(self, reduce: int, *, momentum: bool, nesterov: bool, beta: float, write_u: bool) -> None:
+        if reduce == 0 and not (momentum or write_u):
+            return
+        _stats_kernel[(self.tiles.shape[0],)](
+            self.tiles, self.itab, self.stats, beta, self.g0, self.m0, self.u0,
+            BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
+        )
+
+    def update_pass(self, reduce: int, source: int, *, nesterov: bool, beta: float, coef: float,
+                    decay: float, sign: bool, has_x: bool) -> None:
+        _update_kernel[(self.tiles.shape[0],)](
+            self.tiles, self.itab, self.ftab, self.stats, beta, coef, decay,
+            self.x0, self.g0, self.m0, self.u0,
+            BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
+        )
+
+
+def _addr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def lmo(G: torch.Tensor, spec, radius: float) -> torch.Tensor:
+    """LMO of G (any shape the norm accepts) for the norms with ``mode`` sign/unit/rows/cols.
+
+    Two passes at most (the norm's reduction, then the scaled write); G is copied
+    once if it is not contiguous. Returns a new contiguous tensor of G's dtype.
+    """
+    G = G.contiguous()
+    out = torch.empty_like(G)
+    if G.numel() == 0:
+        return out
+    rows, cols = spec.unit_shape(G.shape)
+    layout = _layout(G.shape, spec.mode, rows)
+    launch = _Launch([out], [G], [None], [None], [layout], [spec.factor(rows, cols, "none")], G.device)
+    reduce = _REDUCE[spec.mode]
+    launch.stats_pass(reduce, momentum=False, nesterov=False, beta=0.0, write_u=False)
+    launch.update_pass(reduce, SRC_G, nesterov=False, beta=0.0, coef=-radius, decay=0.0,
+                       sign=spec.mode == "sign", has_x=False)
+    return out
+
+
+def lmo_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momenta: Sequence[torch.Tensor],
+    spec,
+    *,
+    lr: float,
+    beta: float,
+    nesterov: bool,
+    weight_decay: float,
+    radius: float,
+    scale: str = "none",
+    direction: Callable[[torch.Tensor], None] | None = None,
+    direction_dtype: torch.dtype = torch.float32,
+) -> None:
+    """Fused step over lists of validated, contiguous, non-empty, same-device tensors.
+
+    Sign: one pass. unit/rows/cols: pass 1 (momentum + reduction), pass 2 (update).
+    direction (spectral, l1): pass 1 writes m and u (in ``direction_dtype``) into one
+    stacked (k, ...) buffer per shape; ``direction(buffer)`` overwrites it in place with
+    the unit-ball maximizer D (so lmo(u) = -radius * factor * D); pass 2 applies it.
+    """
+    keys: dict[tuple, list[int]] = {}
+    for i, (x, g) in enumerate(zip(params, grads)):
+        keys.setdefault((x.dtype, g.dtype), []).append(i)
+    reduce = _REDUCE[spec.mode]
+    decay = 1.0 - lr * weight_decay
+    for idx in keys.values():
+        xs = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        ms = [momenta[i] for i in idx]
+        units = [spec.unit_shape(x.shape) for x in xs]
+        layouts = [_layout(x.shape, spec.mode, r) for x, (r, _) in zip(xs, units)]
+        factors = [spec.factor(r, c, scale) for r, c in units]
+        us: list[torch.Tensor | None] = [None] * len(xs)
+        buffers = []
+        if spec.mode == "direction":
+            by_shape: dict[torch.Size, list[int]] = {}
+            for j, x in enumerate(xs):
+                by_shape.setdefault(x.shape, []).append(j)
+            for shape, js in by_shape.items():
+                buf = torch.empty((len(js), *shape), dtype=direction_dtype, device=xs[0].device)
+                buffers.append(buf)
+                for slot, j in enumerate(js):
+                    us[j] = buf[slot]
+        launch = _Launch(xs, gs, ms, us, layouts, factors, xs[0].device)
+        if spec.mode == "sign":
+            source = SRC_MOMENTUM
+        else:
+            launch.stats_pass(reduce, momentum=True, nesterov=nesterov, beta=beta, write_u=bool(buffers))
+            source = SRC_DIRECTION if buffers else SRC_STATE
+        for buf in buffers:
+            direction(buf)
+        launch.update_pass(reduce, source, nesterov=nesterov, beta=beta, coef=-lr * radius,
+                           decay=decay, sign=spec.mode == "sign", has_x=True)
