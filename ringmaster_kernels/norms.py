@@ -141,6 +141,7 @@ def lmo(
     norm: str,
     radius: float = 1.0,
     *,
+    out: torch.Tensor | None = None,
     backend: str | None = "auto",
     **options,
 ) -> torch.Tensor:
@@ -151,6 +152,7 @@ def lmo(
             or fp64, any strides.
         norm: a name in ``KNOWN``.
         radius: ball radius, finite and >= 0.
+        out: optional tensor of G's shape, dtype and device to write into.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``; ``$RINGMASTER_BACKEND`` applies
             when this is ``"auto"``. Spectral runs ``ops.orthogonalize`` with it; l1 is
             an argmax and one scatter, done in torch on every backend.
@@ -158,26 +160,30 @@ def lmo(
             ``coefficients``, ``eps`` (see ``ops.orthogonalize``).
 
     Returns:
-        A new tensor of G's shape and dtype. The kernels compute in fp32 (as does the
-        twin, which uses fp64 for fp64 input).
+        A tensor of G's shape and dtype (``out`` if given). The kernels compute in fp32
+        (as does the twin, which uses fp64 for fp64 input).
     """
+    from .ops import _check_out, orthogonalize
+
     spec = get(norm)
     check_tensor("G", G, spec)
+    _check_out(out, G)
     radius = check_radius(radius)
     opts = resolve_options(spec, options)
     if norm == "spectral":
-        from .ops import orthogonalize
-
         s = spec.factor(G.size(-2), G.size(-1), opts["scale"])
         return orthogonalize(
-            G, opts["steps"], opts["coefficients"], opts["eps"], scale=-radius * s, backend=backend
+            G, opts["steps"], opts["coefficients"], opts["eps"], out, scale=-radius * s, backend=backend
         )
-    choice = resolve_backend(backend, G)
-    if choice == "triton" and spec.mode != "direction":
+    if resolve_backend(backend, G) == "triton" and spec.mode != "direction":
         from .kernels import lmo as lmo_kernels
 
-        return lmo_kernels.lmo(G, spec, radius)
-    return reference.lmo(G, norm, radius, **opts)
+        result = lmo_kernels.lmo(G, spec, radius, out if out is not None and out.is_contiguous() else None)
+    else:
+        result = reference.lmo(G, norm, radius, **opts)
+    if out is None or result is out:
+        return result
+    return out.copy_(result)
 
 
 def dual_norm(G: torch.Tensor, norm: str, **options) -> torch.Tensor:

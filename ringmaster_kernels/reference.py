@@ -89,6 +89,11 @@ def safe_reciprocal(n: torch.Tensor) -> torch.Tensor:
     return torch.where(n == 0, torch.zeros_like(n), 1.0 / n)
 
 
+def _sign(X: torch.Tensor) -> torch.Tensor:
+    """``torch.sign`` except NaN -> NaN (torch gives 0, which would hide a bad gradient)."""
+    return torch.where(torch.isnan(X), X, torch.sign(X))
+
+
 def spectral_factor(rows: int, cols: int, scale: str) -> float:
     """Radius multiplier of the spectral ball for a (rows=d_out, cols=d_in) matrix.
 
@@ -110,7 +115,7 @@ def _lmo_spectral(X, G, radius, scale, steps, coefficients, eps):
 
 
 def _lmo_sign(X, radius):
-    return -radius * torch.sign(X)
+    return -radius * _sign(X)
 
 
 def _lmo_l2(X, radius):
@@ -120,7 +125,7 @@ def _lmo_l2(X, radius):
 def _lmo_l1(X, radius):
     flat = X.flatten(-2) if X.dim() >= 2 else X
     j = flat.abs().argmax(dim=-1, keepdim=True)
-    D = torch.zeros_like(flat).scatter_(-1, j, -radius * torch.sign(flat.gather(-1, j)))
+    D = torch.zeros_like(flat).scatter_(-1, j, -radius * _sign(flat.gather(-1, j)))
     return D.view_as(X)
 
 

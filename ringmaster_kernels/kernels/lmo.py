@@ -135,7 +135,7 @@ def _update_kernel(
         u_ptr = tl.load(row + 3).to(U0.dtype, bitcast=True)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SIGN:
-        # torch.sign semantics: 0 -> 0 and NaN -> NaN
+        # 0 -> 0 and NaN -> NaN, like reference._sign
         u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u))
     step = coef * tl.load(ftab + t) * u
     sbase = tl.load(row + 7)
@@ -232,14 +232,16 @@ def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def lmo(G: torch.Tensor, spec, radius: float) -> torch.Tensor:
+def lmo(G: torch.Tensor, spec, radius: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """LMO of G (any shape the norm accepts) for the norms with ``mode`` sign/unit/rows/cols.
 
     Two passes at most (the norm's reduction, then the scaled write); G is copied
-    once if it is not contiguous. Returns a new contiguous tensor of G's dtype.
+    once if it is not contiguous. Writes ``out`` (contiguous, G's shape and dtype)
+    or a new contiguous tensor, and returns it.
     """
     G = G.contiguous()
-    out = torch.empty_like(G)
+    if out is None:
+        out = torch.empty_like(G)
     if G.numel() == 0:
         return out
     rows, cols = spec.unit_shape(G.shape)
