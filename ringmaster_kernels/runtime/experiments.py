@@ -1,0 +1,222 @@
+"""The Ringmaster LMO paper's quadratic experiment: all methods, tuning grid, heterogeneity sweep.
+
+Shared by ``ringmaster simulate`` and ``python/paper_quadratic.py``. Every method is a
+policy from :mod:`ringmaster_kernels.optim.policies` run by :func:`simulate`; nothing
+here re-implements a method.
+
+Faithful to the authors' harness (vectorized, not copied): their "Muon" on a vector
+runs Newton–Schulz with the quintic coefficients on a 1 x d matrix, which returns
+``muon_vector_gain(d) * v / ||v||`` (about 0.696 v/||v||). By default we run that as the
+"l2" LMO with that radius (identical up to rounding, and about 5x cheaper per update);
+``norm="spectral"`` runs the Newton–Schulz itself on a (1, d) parameter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from .. import norms
+from ..optim.policies import METHODS, make_policy
+from .objectives import TridiagonalQuadratic
+from .simulator import Trace, simulate
+from .time_models import make_time_model
+
+# The methods the issue compares, in plotting order; "ringmaster" is ours, the last four are baselines.
+METHOD_ORDER = ("ringmaster", "ringmaster_pa", "sync", "async", "delay_adaptive", "rennala")
+BASELINES = ("sync", "async", "delay_adaptive", "rennala")
+
+# The authors' code defaults for this experiment (sync/async are not in their script;
+# we start them at the values of their closest relatives: Rennala and delay-adaptive).
+AUTHOR_DEFAULTS: dict[str, dict[str, float]] = {
+    "ringmaster": {"lr": 0.04, "threshold": 6},
+    "ringmaster_pa": {"lr": 0.5},
+    "sync": {"lr": 0.04},
+    "async": {"lr": 0.005},
+    "delay_adaptive": {"lr": 0.005},
+    "rennala": {"lr": 0.04, "batch": 6},
+}
+
+# Chosen by `ringmaster simulate quadratic --tune` on seed TUNE_SEED, reported on REPORT_SEED
+# (the grid and the scores are in benchmarks/RESULTS.md, "## Simulator").
+TUNED: dict[str, dict[str, float]] = dict(AUTHOR_DEFAULTS)
+TUNE_SEED, REPORT_SEED = 0, 1
+
+# The paper's grid: step sizes over powers of 5 (per method, the authors' ranges; sync and
+# async take those of their relatives Rennala and delay-adaptive), R and B over SIZE_GRID.
+LR_GRID = {
+    "ringmaster": (-6, 1), "ringmaster_pa": (-4, 3), "sync": (-6, 1),
+    "async": (-8, -1), "delay_adaptive": (-8, -1), "rennala": (-6, 1),
+}
+SIZE_GRID = (1, 2, 4, 6, 8, 16, 32)
+
+
+def muon_vector_gain(dim: int, steps: int = 5) -> float:
+    """``||NS(v)||`` for a 1 x ``dim`` matrix under Muon's quintic Newton–Schulz.
+
+    On a single row every singular value is ``||v|| / (||v|| + eps)`` ~ 1, and the quintic
+    maps 1 to about 0.696 after 5 steps, so the authors' "Muon" step on a vector is the
+    l2 LMO with this radius.
+    """
+    row = torch.ones(1, dim, dtype=torch.float64)
+    return float(torch.linalg.vector_norm(norms.lmo(row, "spectral", 1.0, steps=steps, coefficients="quintic")))
+
+
+@dataclass(frozen=True)
+class QuadraticExperiment:
+    """One configuration of the paper's quadratic run (defaults: the paper's scale).
+
+    ``target`` is a fraction of ``||grad f(x0)||^2``. ``norm`` is any catalogue norm;
+    ``"l2"`` uses radius :func:`muon_vector_gain` (the authors' Muon on a vector) unless
+    ``radius`` is given; ``"spectral"`` runs quintic Newton–Schulz on a (1, d) parameter.
+    """
+
+    workers: int = 6174
+    dim: int = 1729
+    horizon: float = 2000.0
+    heterogeneity: float = 1.0
+    time_model: str = "paper"
+    noise: float = 0.01
+    target: float = 1e-4
+    norm: str = "l2"
+    radius: float | None = None
+    momentum: float = 0.95
+    nesterov: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field, before any work starts."""
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 2:
+            raise ValueError(f"dim must be an int >= 2, got {self.dim!r}")
+        if not (math.isfinite(self.horizon) and self.horizon > 0):
+            raise ValueError(f"horizon must be a finite number > 0, got {self.horizon!r}")
+        if not (math.isfinite(self.target) and 0 < self.target < 1):
+            raise ValueError(f"target must be a fraction in (0, 1), got {self.target!r}")
+        if self.norm not in norms.NORMS:
+            raise ValueError(f"norm must be one of {tuple(norms.NORMS)}, got {self.norm!r}")
+        if self.radius is not None and not (math.isfinite(self.radius) and self.radius > 0):
+            raise ValueError(f"radius must be a finite number > 0, got {self.radius!r}")
+        make_time_model(self.time_model, self.workers, heterogeneity=self.heterogeneity)
+        TridiagonalQuadratic(self.dim, self.noise)
+
+    def build(self, method: str, params: dict[str, Any]):
+        """``(policy, objective, time_model)`` for one run; validates everything first."""
+        self.validate()
+        objective = TridiagonalQuadratic(self.dim, self.noise, row=self.norm == "spectral")
+        group: dict[str, Any] = {"params": objective.initial_params(), "norm": self.norm}
+        if self.norm == "spectral":
+            group["lmo_options"] = {"coefficients": "quintic", "steps": 5}
+        radius = self.radius if self.radius is not None else (muon_vector_gain(self.dim) if self.norm == "l2" else 1.0)
+        group["radius"] = radius
+        extra = {} if method in ("ringmaster_pa", "ringmaster_asgd") else {"momentum": self.momentum}
+        policy = make_policy(method, [group], num_workers=self.workers, nesterov=self.nesterov, **extra, **params)
+        time_model = make_time_model(self.time_model, self.workers, heterogeneity=self.heterogeneity)
+        return policy, objective, time_model
+
+    def run(
+        self,
+        method: str,
+        params: dict[str, Any],
+        *,
+        seed: int,
+        stop_at_target: bool = False,
+        horizon: float | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> Trace:
+        """Simulate ``method`` with ``params`` (e.g. ``{"lr": 0.04, "threshold": 6}``)."""
+        policy, objective, time_model = self.build(method, params)
+        stop_at = self.target * objective.metric(policy.params) if stop_at_target else None
+        return simulate(policy, objective, time_model, horizon=horizon or self.horizon, seed=seed,
+                        stop_at=stop_at, progress=progress)
+
+    def summary(self, trace: Trace) -> dict[str, Any]:
+        """The per-method record of the ``--json`` output."""
+        return {
+            "final_grad_norm_sq": trace.final_metric(),
+            "time_to_target": trace.time_to_target(self.target * trace.initial_metric),
+            "accepted": trace.num_accepted,
+            "discarded": trace.num_discarded,
+        }
+
+
+def grid_for(method: str) -> list[dict[str, float]]:
+    """The tuning grid of ``method``: step sizes x (R or B where the method has one)."""
+    allowed = METHODS[method][2]
+    size_key = "threshold" if "threshold" in allowed else "batch" if "batch" in allowed else None
+    sizes = SIZE_GRID if size_key else (None,)
+    lo, hi = LR_GRID[method]
+    return [{"lr": 5.0**i, **({size_key: s} if size_key else {})} for i in range(lo, hi + 1) for s in sizes]
+
+
+def score(exp: QuadraticExperiment, trace: Trace) -> tuple[float, float]:
+    """Lower is better: time to target (inf if never), then the final ||grad f||^2."""
+    t = trace.time_to_target(exp.target * trace.initial_metric)
+    final = trace.final_metric()
+    return (math.inf if t is None else t, final if math.isfinite(final) else math.inf)
+
+
+def tune(
+    exp: QuadraticExperiment,
+    methods: tuple[str, ...] = METHOD_ORDER,
+    *,
+    seed: int = TUNE_SEED,
+    on_result: Callable[[str, dict, tuple[float, float]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Grid-search every method on ``seed``; returns ``{method: {"best": params, "grid": [...]}}``.
+
+    Each run stops at the target (it cannot improve its time after that).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        rows = []
+        for params in grid_for(method):
+            s = score(exp, exp.run(method, params, seed=seed, stop_at_target=True))
+            rows.append({"params": params, "time_to_target": s[0], "final": s[1]})
+            if on_result is not None:
+                on_result(method, params, s)
+        best = min(rows, key=lambda r: (r["time_to_target"], r["final"]))
+        out[method] = {"best": best["params"], "grid": rows}
+    return out
+
+
+def sweep(
+    exp: QuadraticExperiment,
+    levels: tuple[float, ...],
+    params_by_method: dict[str, dict[str, Any]],
+    *,
+    seed: int = REPORT_SEED,
+    horizon_factor: float = 50.0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Time to target of Ringmaster and every baseline at each heterogeneity level.
+
+    Runs stop at the target, with a horizon of ``horizon_factor * exp.horizon`` so slow
+    synchronous runs at strong heterogeneity still get there. A method that never does
+    has time ``None``, and a speed-up over it is ``None``.
+    """
+    rows = []
+    for level in levels:
+        e = replace(exp, heterogeneity=level)
+        times: dict[str, float | None] = {}
+        for method in ("ringmaster",) + BASELINES:
+            if progress is not None:
+                progress(f"S={level:g} {method}")
+            trace = e.run(method, params_by_method[method], seed=seed, stop_at_target=True,
+                          horizon=exp.horizon * horizon_factor)
+            times[method] = trace.time_to_target(e.target * trace.initial_metric)
+        ours = times["ringmaster"]
+        reached = [times[m] for m in BASELINES if times[m] is not None]
+
+        def ratio(other: float | None) -> float | None:
+            return None if ours is None or other is None else other / ours
+
+        rows.append({
+            "heterogeneity": float(level),
+            "speedup_vs_sync": ratio(times["sync"]),
+            "speedup_vs_best_baseline": ratio(min(reached) if reached else None),
+            "time_to_target": times,
+        })
+    return rows

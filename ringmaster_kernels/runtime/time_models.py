@@ -1,0 +1,187 @@
+"""Compute-time models: how long worker i takes for one gradient, in virtual time.
+
+A model is data: a per-worker base time ``tau_i``, a per-call noise law scaled per
+worker, and optional faults (a slow outlier, workers that die at a given time). All
+draws for a batch of workers are vectorized and come from the caller's
+``numpy.random.Generator``, so a simulation is reproducible bit for bit from its seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+PROFILES = ("paper", "constant", "sqrt", "linear", "uniform")
+NOISES = ("none", "halfnormal", "exponential", "pareto")
+
+
+@dataclass
+class TimeModel:
+    """Per-call compute time ``base[i] + scale[i] * noise`` (``inf`` once a worker is dead).
+
+    Attributes:
+        base: (n,) float64, the deterministic part ``tau_i`` (> 0).
+        scale: (n,) float64, per-worker multiplier of the noise draw (>= 0).
+        noise: one of :data:`NOISES`: ``halfnormal`` is ``|N(0, 1)|``, ``exponential``
+            is Exp(1), ``pareto`` is Lomax(``pareto_shape``) (heavy-tailed, mean
+            ``1/(shape-1)``).
+        death_time: (n,) float64; a job that would end after it never ends.
+        pareto_shape: tail index of the ``pareto`` noise (> 1 for a finite mean).
+    """
+
+    base: np.ndarray
+    scale: np.ndarray
+    noise: str = "none"
+    death_time: np.ndarray = field(default=None)  # type: ignore[assignment]
+    pareto_shape: float = 2.5
+
+    def __post_init__(self) -> None:
+        self.base = np.asarray(self.base, dtype=np.float64)
+        n = self.base.shape[0]
+        if self.base.ndim != 1 or n < 1:
+            raise ValueError(f"base must be a non-empty 1-D array, got shape {self.base.shape}")
+        if not np.all(np.isfinite(self.base) & (self.base > 0)):
+            raise ValueError("base times must be finite and > 0")
+        self.scale = np.broadcast_to(np.asarray(self.scale, dtype=np.float64), (n,)).copy()
+        if not np.all(np.isfinite(self.scale) & (self.scale >= 0)):
+            raise ValueError("scale must be finite and >= 0")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
+        if self.death_time is None:
+            self.death_time = np.full(n, np.inf)
+        self.death_time = np.broadcast_to(np.asarray(self.death_time, dtype=np.float64), (n,)).copy()
+        if not (self.pareto_shape > 1):
+            raise ValueError(f"pareto_shape must be > 1, got {self.pareto_shape}")
+
+    @property
+    def num_workers(self) -> int:
+        return self.base.shape[0]
+
+    def _draws(self, rng: np.random.Generator, m: int) -> np.ndarray:
+        if self.noise == "halfnormal":
+            return np.abs(rng.standard_normal(m))
+        if self.noise == "exponential":
+            return rng.standard_exponential(m)
+        if self.noise == "pareto":
+            return rng.pareto(self.pareto_shape, m)
+        return np.zeros(m)
+
+    def sampler(self, rng: np.random.Generator, block: int = 8192) -> Callable[[int | np.ndarray, float], float | np.ndarray]:
+        """A function ``sample(workers, now)``: durations of jobs started at ``now``.
+
+        ``workers`` is one worker id (returns a float) or an int array (returns an
+        array, one draw per worker in the given order). Noise is drawn from ``rng`` in
+        blocks of ``block`` and consumed in order, so results depend only on the seed
+        and the sequence of calls; a job a worker's death interrupts lasts ``inf``.
+        """
+        buffer = self._draws(rng, block)
+        pos = 0
+        base, scale, death = self.base, self.scale, self.death_time
+
+        def take(m: int) -> np.ndarray:
+            nonlocal buffer, pos
+            parts = []
+            while m > 0:
+                if pos == block:
+                    buffer, pos = self._draws(rng, block), 0
+                k = min(m, block - pos)
+                parts.append(buffer[pos:pos + k])
+                pos += k
+                m -= k
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        def sample(workers, now: float):
+            nonlocal buffer, pos
+            if isinstance(workers, (int, np.integer)):  # one restart per event: the hot path
+                if pos == block:
+                    buffer, pos = self._draws(rng, block), 0
+                duration = base[workers] + scale[workers] * buffer[pos]
+                pos += 1
+                return math.inf if now + duration > death[workers] else float(duration)
+            duration = base[workers] + scale[workers] * take(workers.shape[0])
+            return np.where(now + duration > death[workers], np.inf, duration)
+
+        return sample
+
+    def mean_times(self) -> np.ndarray:
+        """Expected time per gradient of each worker (ignoring deaths)."""
+        mean_noise = {"none": 0.0, "halfnormal": math.sqrt(2 / math.pi), "exponential": 1.0,
+                      "pareto": 1.0 / (self.pareto_shape - 1)}[self.noise]
+        return self.base + self.scale * mean_noise
+
+
+def make_time_model(
+    profile: str,
+    num_workers: int,
+    *,
+    heterogeneity: float = 1.0,
+    noise: str | None = None,
+    noise_scale: float | None = None,
+    tau: float = 1.0,
+    outlier: tuple[int, float] | None = None,
+    deaths: dict[int, float] | None = None,
+    seed: int = 0,
+) -> TimeModel:
+    """Build a :class:`TimeModel` for ``num_workers`` workers (worker ``i`` is 1-based in formulas).
+
+    Profiles (``S`` = ``heterogeneity``, 0 = homogeneous):
+
+    * ``paper``: ``tau_i = 1 + S * (sqrt(i - 1) + |N(0, i)|)``; ``S = 1`` is the
+      Ringmaster LMO quadratic experiment (std ``sqrt(i)``, fresh each call).
+    * ``constant``: ``tau_i = tau``; ``sqrt``: ``tau * i**(S/2)`` (``S = 1``: ``tau sqrt(i)``);
+      ``linear``: ``tau * i**S`` (``S = 1``: proportional to ``i``); with ``noise``
+      ``halfnormal`` by default at ``noise_scale = 0.05`` of ``tau_i`` (the NanoChat runs).
+    * ``uniform``: fixed ``tau_i ~ tau * U[1, 1 + S]`` drawn once from ``seed``.
+
+    ``noise`` overrides the noise law (``none``/``halfnormal``/``exponential``/``pareto``);
+    ``noise_scale`` is relative to ``tau_i`` for all but ``paper``. ``outlier=(j, f)``
+    multiplies worker ``j``'s (0-based) time by ``f``; ``deaths={j: t}`` kills worker ``j``
+    at virtual time ``t``.
+    """
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
+    if profile not in PROFILES:
+        raise ValueError(f"time model must be one of {PROFILES}, got {profile!r}")
+    if not (isinstance(heterogeneity, (int, float)) and math.isfinite(heterogeneity) and heterogeneity >= 0):
+        raise ValueError(f"heterogeneity must be a finite number >= 0, got {heterogeneity!r}")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    if noise_scale is not None and not (math.isfinite(noise_scale) and noise_scale >= 0):
+        raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale!r}")
+    i = np.arange(1, num_workers + 1, dtype=np.float64)
+    S = float(heterogeneity)
+    if profile == "paper":
+        base = 1.0 + S * np.sqrt(i - 1)
+        scale = S * np.sqrt(i) * (1.0 if noise_scale is None else noise_scale)
+        law = "halfnormal"
+    else:
+        if profile == "constant":
+            base = np.full(num_workers, float(tau))
+        elif profile == "sqrt":
+            base = tau * i ** (S / 2)
+        elif profile == "linear":
+            base = tau * i**S
+        else:
+            base = tau * (1.0 + S * np.random.default_rng(seed).random(num_workers))
+        scale = base * (0.05 if noise_scale is None else noise_scale)
+        law = "halfnormal"
+    law = noise if noise is not None else law
+    if outlier is not None:
+        j, factor = outlier
+        if not 0 <= j < num_workers:
+            raise ValueError(f"outlier worker must be in [0, {num_workers}), got {j}")
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"outlier factor must be a finite number > 0, got {factor}")
+        base, scale = base.copy(), scale.copy()
+        base[j] *= factor
+        scale[j] *= factor
+    death = np.full(num_workers, np.inf)
+    for j, t in (deaths or {}).items():
+        if not 0 <= j < num_workers:
+            raise ValueError(f"deaths: worker must be in [0, {num_workers}), got {j}")
+        if not t >= 0:
+            raise ValueError(f"deaths: time must be >= 0, got {t}")
+        death[j] = t
+    return TimeModel(base, scale, law, death)
