@@ -41,7 +41,9 @@ AUTHOR_DEFAULTS: dict[str, dict[str, float]] = {
 
 # Chosen by `ringmaster simulate quadratic --tune` on seed TUNE_SEED, reported on REPORT_SEED
 # (the grid and the scores are in benchmarks/RESULTS.md, "## Simulator").
-TUNED: dict[str, dict[str, float]] = dict(AUTHOR_DEFAULTS)
+TUNED: dict[str, dict[str, float]] = {**AUTHOR_DEFAULTS, "ringmaster_asgd": {"lr": 1.0, "threshold": 6}}
+# Tuned the same way at the sweep's default scale (n = 128, d = 128, S = 1).
+SWEEP_TUNED: dict[str, dict[str, float]] = dict(AUTHOR_DEFAULTS)
 TUNE_SEED, REPORT_SEED = 0, 1
 
 # The paper's grid: step sizes over powers of 5 (per method, the authors' ranges; sync and
@@ -158,26 +160,36 @@ def score(exp: QuadraticExperiment, trace: Trace) -> tuple[float, float]:
     return (math.inf if t is None else t, final if math.isfinite(final) else math.inf)
 
 
+Job = tuple[str, dict, int]  # (method, params, seed)
+
+
+def run_sequential(exp: QuadraticExperiment, jobs: list[Job], stop_at_target: bool = False) -> list[Trace]:
+    """Run jobs one after the other (the default runner of :func:`tune`)."""
+    return [exp.run(m, p, seed=s, stop_at_target=stop_at_target) for m, p, s in jobs]
+
+
 def tune(
     exp: QuadraticExperiment,
     methods: tuple[str, ...] = METHOD_ORDER,
     *,
     seed: int = TUNE_SEED,
-    on_result: Callable[[str, dict, tuple[float, float]], None] | None = None,
+    runner: Callable[[QuadraticExperiment, list[Job], bool], list[Trace]] = run_sequential,
 ) -> dict[str, dict[str, Any]]:
-    """Grid-search every method on ``seed``; returns ``{method: {"best": params, "grid": [...]}}``.
+    """Grid-search every method on ``seed``: ``{method: {"best": params, "grid": [rows]}}``.
 
-    Each run stops at the target (it cannot improve its time after that).
+    A row is ``{"params", "time_to_target" (None if never), "final"}``; runs stop at
+    the target (a run cannot improve its time after it). ``runner`` may run the jobs in
+    parallel; the result does not depend on it.
     """
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
+        grid = grid_for(method)
+        traces = runner(exp, [(method, params, seed) for params in grid], True)
         rows = []
-        for params in grid_for(method):
-            s = score(exp, exp.run(method, params, seed=seed, stop_at_target=True))
-            rows.append({"params": params, "time_to_target": s[0], "final": s[1]})
-            if on_result is not None:
-                on_result(method, params, s)
-        best = min(rows, key=lambda r: (r["time_to_target"], r["final"]))
+        for params, trace in zip(grid, traces):
+            t, final = score(exp, trace)
+            rows.append({"params": params, "time_to_target": None if math.isinf(t) else t, "final": final})
+        best = min(zip(rows, traces), key=lambda rt: score(exp, rt[1]))[0]
         out[method] = {"best": best["params"], "grid": rows}
     return out
 
@@ -188,24 +200,27 @@ def sweep(
     params_by_method: dict[str, dict[str, Any]],
     *,
     seed: int = REPORT_SEED,
-    horizon_factor: float = 50.0,
+    horizon_factor: float = 20.0,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time to target of Ringmaster and every baseline at each heterogeneity level.
 
-    Runs stop at the target, with a horizon of ``horizon_factor * exp.horizon`` so slow
-    synchronous runs at strong heterogeneity still get there. A method that never does
-    has time ``None``, and a speed-up over it is ``None``.
+    Every run stops at the target or at ``horizon_factor * exp.horizon``. Baselines after
+    ``sync`` also stop at the best baseline time so far (they cannot be the best after
+    it), so a baseline's time is ``None`` when it did not reach the target within its
+    cap; a speed-up is ``None`` when either side never reached it.
     """
     rows = []
     for level in levels:
         e = replace(exp, heterogeneity=level)
+        cap = exp.horizon * horizon_factor
         times: dict[str, float | None] = {}
         for method in ("ringmaster",) + BASELINES:
             if progress is not None:
                 progress(f"S={level:g} {method}")
-            trace = e.run(method, params_by_method[method], seed=seed, stop_at_target=True,
-                          horizon=exp.horizon * horizon_factor)
+            reached = [times[m] for m in BASELINES if times.get(m) is not None]
+            horizon = min([cap] + reached) if method != "sync" and method != "ringmaster" else cap
+            trace = e.run(method, params_by_method[method], seed=seed, stop_at_target=True, horizon=horizon)
             times[method] = trace.time_to_target(e.target * trace.initial_metric)
         ours = times["ringmaster"]
         reached = [times[m] for m in BASELINES if times[m] is not None]

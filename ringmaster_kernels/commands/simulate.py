@@ -1,0 +1,243 @@
+"""``ringmaster simulate quadratic|sweep``: the paper's quadratic experiment in virtual time.
+
+``quadratic`` runs every method (tuned values, or ``--method``/``--lr``/... overrides) and
+prints a table or, with ``--json``, ``{"target", "methods": {NAME: {...}}}``; ``--plot``
+writes ||grad f||^2 vs virtual time. ``--tune`` runs the paper's grid on ``--tune-seed``
+and reports the chosen values on ``--seed``. ``sweep`` runs a heterogeneity sweep and
+reports Ringmaster's time-to-target speed-up over synchronous LMO and over the best other
+baseline at each level. Progress goes to stderr (tqdm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+METHOD_NAMES = ("ringmaster", "ringmaster_pa", "sync", "async", "delay_adaptive", "rennala")
+TIME_MODELS = ("paper", "constant", "sqrt", "linear", "uniform")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="experiment", required=True)
+    quad = sub.add_parser("quadratic", help="all methods on the paper's quadratic")
+    _common(quad, workers=6174, dim=1729, horizon=2000.0)
+    quad.add_argument("--heterogeneity", type=float, default=1.0, help="S: 0 homogeneous, 1 the paper's times")
+    quad.add_argument("--method", action="append", choices=METHOD_NAMES + ("ringmaster_asgd",),
+                      help="run only this method (repeatable), with --lr/--threshold/--batch overrides")
+    quad.add_argument("--lr", type=float, help="step size (eta / gamma) for the chosen methods")
+    quad.add_argument("--threshold", type=int, help="Ringmaster's delay threshold R")
+    quad.add_argument("--batch", type=int, help="Rennala's batch size B")
+    quad.add_argument("--tune", action="store_true", help="grid-search every method on --tune-seed first")
+    quad.add_argument("--tune-seed", type=int, default=0)
+    swp = sub.add_parser("sweep", help="Ringmaster's speed-up vs heterogeneity")
+    _common(swp, workers=128, dim=128, horizon=1000.0)
+    swp.add_argument("--levels", default="0,0.25,0.5,1,2,4",
+                     help="comma-separated heterogeneity levels S (0 = homogeneous)")
+    swp.add_argument("--horizon-factor", type=float, default=20.0,
+                     help="runs stop at the target or at this many horizons")
+
+
+def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: float) -> None:
+    p.add_argument("--workers", type=int, default=workers, help="n")
+    p.add_argument("--dim", type=int, default=dim, help="d")
+    p.add_argument("--horizon", type=float, default=horizon, help="virtual time to simulate")
+    p.add_argument("--time-model", default="paper", choices=TIME_MODELS)
+    p.add_argument("--noise", type=float, default=0.01, help="gradient noise std")
+    p.add_argument("--target", type=float, default=1e-4, help="target as a fraction of ||grad f(x0)||^2")
+    p.add_argument("--norm", default="l2", help="norm ball of the LMO (l2 = the authors' Muon on a vector)")
+    p.add_argument("--radius", type=float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
+    p.add_argument("--momentum", type=float, default=0.95, help="beta")
+    p.add_argument("--seed", type=int, default=1, help="seed of the reported run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", help="write a PNG here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime import experiments as ex
+
+    try:
+        exp = ex.QuadraticExperiment(
+            workers=args.workers, dim=args.dim, horizon=args.horizon,
+            heterogeneity=getattr(args, "heterogeneity", 1.0), time_model=args.time_model,
+            noise=args.noise, target=args.target, norm=args.norm, radius=args.radius, momentum=args.momentum,
+        )
+        exp.validate()
+        if not (0.0 <= args.momentum < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {args.momentum}")
+        if args.jobs < 0:
+            raise ValueError(f"jobs must be >= 0, got {args.jobs}")
+        if args.experiment == "quadratic":
+            methods, params, overridden = _plan(args, ex)
+            # build every policy once: bad values raise here, before any simulation
+            for m in methods:
+                exp.build(m, params[m])
+            return _quadratic(args, ex, exp, methods, params, overridden)
+        levels = tuple(float(v) for v in args.levels.split(","))
+        if any(not (math.isfinite(v) and v >= 0) for v in levels):
+            raise ValueError(f"levels must be finite numbers >= 0, got {args.levels!r}")
+        if not (math.isfinite(args.horizon_factor) and args.horizon_factor >= 1):
+            raise ValueError(f"horizon-factor must be >= 1, got {args.horizon_factor}")
+        for level in levels:
+            ex.replace(exp, heterogeneity=level).validate()
+        return _sweep(args, ex, exp, levels)
+    except ValueError as exc:
+        print(f"ringmaster simulate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _plan(args, ex):
+    """Methods to run and their parameters: tuned values, overridden by flags."""
+    overrides = {k: getattr(args, k) for k in ("lr", "threshold", "batch") if getattr(args, k) is not None}
+    methods = tuple(args.method) if args.method else ex.METHOD_ORDER
+    params = {}
+    for m in methods:
+        allowed = ex.METHODS[m][2]
+        params[m] = {**ex.TUNED[m], **{k: v for k, v in overrides.items() if k in allowed}}
+    for key in overrides:
+        if not any(key in ex.METHODS[m][2] for m in methods):
+            raise ValueError(f"--{key} applies to none of the methods {methods}")
+    overridden = bool(args.method or overrides or args.norm != "l2" or args.momentum != 0.95 or args.radius is not None)
+    return methods, params, overridden
+
+
+def _runner(n_procs: int, label: str):
+    """A job runner for the experiments module: tqdm on stderr, worker processes if n_procs > 1."""
+    import os
+
+    from tqdm import tqdm
+
+    def run_jobs(exp, jobs, stop_at_target=False):
+        procs = min(len(jobs), n_procs or os.cpu_count() or 1)
+        if procs <= 1:
+            traces = []
+            for method, params, seed in jobs:
+                with tqdm(total=math.ceil(exp.horizon), desc=f"{label} {method}", unit="t", file=sys.stderr, leave=False) as bar:
+                    def progress(t: float, bar=bar) -> None:
+                        bar.update(int(t) - bar.n)
+                    traces.append(exp.run(method, params, seed=seed, stop_at_target=stop_at_target, progress=progress))
+            return traces
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: the parent has used torch's thread pools, which do not survive fork
+        with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_one, exp, m, p, s, stop_at_target) for m, p, s in jobs]
+            with tqdm(total=len(jobs), desc=label, unit="run", file=sys.stderr) as bar:
+                for _ in as_completed(futures):
+                    bar.update(1)
+            return [f.result() for f in futures]
+
+    return run_jobs
+
+
+def _run_one(exp, method, params, seed, stop_at_target):
+    return exp.run(method, params, seed=seed, stop_at_target=stop_at_target)
+
+
+def _quadratic(args, ex, exp, methods, params, overridden) -> int:
+    import time
+
+    tuning = None
+    if args.tune:
+        tuning = ex.tune(exp, methods, seed=args.tune_seed, runner=_runner(args.jobs, "tune"))
+        for m in methods:
+            params[m] = tuning[m]["best"]
+        overridden = True
+    t0 = time.perf_counter()
+    traces = _runner(args.jobs, "simulate")(exp, [(m, params[m], args.seed) for m in methods])
+    wall = time.perf_counter() - t0
+    result = {"target": args.target, "methods": {}}
+    for m, tr in zip(methods, traces):
+        rec = exp.summary(tr)
+        if overridden:
+            rec["params"] = {**params[m], "norm": args.norm, "momentum": args.momentum}
+        result["methods"][m] = rec
+    if args.plot:
+        _plot_curves(args.plot, methods, traces, params, exp)
+    if args.json:
+        if tuning is not None:
+            result["tuning"] = tuning
+        print(json.dumps(result, default=_jsonable))
+    else:
+        print(f"quadratic: n={exp.workers} d={exp.dim} horizon={exp.horizon:g} S={exp.heterogeneity:g} "
+              f"seed={args.seed} target={args.target:g} x ||grad f(x0)||^2   wall {wall:.1f} s")
+        if tuning is not None:
+            for m, t in tuning.items():
+                print(f"tuned {m}: {t['best']}  (grid of {len(t['grid'])})")
+        print(f"{'method':<16}{'params':<30}{'final ||g||^2':>14}{'t_target':>10}{'accepted':>10}{'discarded':>11}")
+        for m in methods:
+            r = result["methods"][m]
+            ttt = "-" if r["time_to_target"] is None else f"{r['time_to_target']:.1f}"
+            p = ", ".join(f"{k}={v:g}" for k, v in params[m].items())
+            print(f"{m:<16}{p:<30}{r['final_grad_norm_sq']:>14.3e}{ttt:>10}{r['accepted']:>10}{r['discarded']:>11}")
+    return 0
+
+
+def _jsonable(value):
+    return None if isinstance(value, float) and math.isinf(value) else str(value)
+
+
+def _plot_curves(path, methods, traces, params, exp) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m, tr in zip(methods, traces):
+        t, v = tr.curve()
+        stride = max(1, t.size // 4000)  # a figure cannot show more points; keep the last one
+        idx = list(range(0, t.size, stride)) + [t.size - 1]
+        label = m + " (" + ", ".join(f"{k}={v:g}" for k, v in params[m].items()) + ")"
+        ax.semilogy(t[idx], v[idx], label=label)
+    ax.axhline(exp.target * traces[0].initial_metric, color="gray", lw=0.8, ls="--", label="target")
+    ax.set_xlabel("virtual time")
+    ax.set_ylabel(r"$\|\nabla f(x)\|^2$")
+    ax.set_title(f"quadratic: n={exp.workers}, d={exp.dim}, S={exp.heterogeneity:g}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sweep(args, ex, exp, levels) -> int:
+    from tqdm import tqdm
+
+    with tqdm(total=len(levels) * 5, desc="sweep", unit="run", file=sys.stderr) as bar:
+        def progress(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+        rows = ex.sweep(exp, levels, ex.SWEEP_TUNED, seed=args.seed, horizon_factor=args.horizon_factor, progress=progress)
+    out = {"levels": [{k: r[k] for k in ("heterogeneity", "speedup_vs_sync", "speedup_vs_best_baseline")} for r in rows]}
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        xs = [r["heterogeneity"] for r in rows]
+        for key, label in (("speedup_vs_sync", "vs synchronous LMO"), ("speedup_vs_best_baseline", "vs best other baseline")):
+            ax.plot(xs, [math.nan if r[key] is None else r[key] for r in rows], marker="o", label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("heterogeneity S")
+        ax.set_ylabel("Ringmaster time-to-target speed-up")
+        ax.set_title(f"n={exp.workers}, d={exp.dim}, target {exp.target:g}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        plt.close(fig)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"sweep: n={exp.workers} d={exp.dim} target={exp.target:g} seed={args.seed}")
+        names = ("ringmaster",) + ex.BASELINES
+        print(f"{'S':>6}" + "".join(f"{n:>16}" for n in names) + f"{'vs sync':>10}{'vs best':>10}")
+        for r in rows:
+            cells = "".join(f"{'-' if r['time_to_target'][n] is None else format(r['time_to_target'][n], '.1f'):>16}" for n in names)
+            f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+            print(f"{r['heterogeneity']:>6g}{cells}{f(r['speedup_vs_sync']):>10}{f(r['speedup_vs_best_baseline']):>10}")
+    return 0

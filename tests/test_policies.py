@@ -1,0 +1,221 @@
+"""Async-method policies: decisions on scripted arrivals, update formulas, schedules, checkpoints."""
+import math
+
+import pytest
+import torch
+
+from ringmaster_kernels import norms
+from ringmaster_kernels.optim.policies import (
+    METHODS,
+    Decision,
+    Minibatch,
+    ParameterAgnosticRingmaster,
+    Ringmaster,
+    make_policy,
+)
+
+
+def vec(d=6, seed=0):
+    return torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def grads(count, d=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(count)]
+
+
+def test_ringmaster_discards_on_arrival_without_stops():
+    pol = Ringmaster([vec()], num_workers=4, lr=0.1, threshold=2, stops=False, norm="l2", momentum=0.0)
+    script = [(0, 0, True), (1, 0, True), (2, 0, False), (1, 2, True), (3, 0, False), (0, 1, False), (2, 2, True), (2, 2, False)]
+    for worker, version, accept in script:
+        d = pol.on_gradient(worker, version, grads(1)[0])
+        assert d.accepted is accept and d.advanced is accept
+        assert d.restart and d.cancel_before is None and not d.restart_idle
+    assert pol.counters() == {"version": 4, "accepted": 4, "discarded": 4}
+    assert d.delay == 2  # version 2 arriving at k = 4
+
+
+def test_ringmaster_with_stops_cancels_jobs_whose_delay_reached_R():
+    pol = Ringmaster([vec()], num_workers=3, lr=0.1, threshold=3, stops=True, norm="l2")
+    decisions = [pol.on_gradient(0, v, grads(1)[0]) for v in range(5)]
+    # after update to version k, jobs started at v <= k - R have delay >= R
+    assert [d.cancel_before for d in decisions] == [k - 3 + 1 for k in range(1, 6)]
+    assert all(d.accepted for d in decisions)
+
+
+def test_stale_gradient_is_never_computed_when_discarded():
+    pol = Ringmaster([vec()], num_workers=2, lr=0.1, threshold=1, stops=False, norm="l2")
+    pol.on_gradient(0, 0, grads(1)[0])
+
+    def boom():
+        raise AssertionError("a discarded gradient must not be computed")
+
+    d = pol.on_gradient(1, 0, boom)
+    assert not d.accepted and d.delay == 1
+
+
+def test_parameter_agnostic_schedule_values():
+    sched = ParameterAgnosticRingmaster.schedule
+    assert sched(0) == (1.0, 1, 1.0)
+    assert sched(1) == (1.0, 1, 2 ** -0.75)
+    a, R, e = sched(4)
+    assert a == pytest.approx(0.5) and R == 2 and e == pytest.approx(5 ** -0.75)
+    assert [sched(k)[1] for k in (8, 9, 15, 16, 99, 100)] == [2, 3, 3, 4, 9, 10]
+    pol = make_policy("ringmaster_pa", [vec()], num_workers=2, lr=0.5, norm="l2")
+    assert pol.threshold == 1
+    for v in range(9):
+        pol.on_gradient(0, v, grads(1)[0])
+    assert pol.threshold == 3
+    # delay 3 >= R_9 = 3 is discarded, delay 2 is accepted
+    assert not pol.on_gradient(1, 6, grads(1)[0]).accepted
+    assert pol.on_gradient(1, 7, grads(1)[0]).accepted
+
+
+def test_parameter_agnostic_update_matches_formula():
+    x0 = vec()
+    gs = grads(4)
+    pol = make_policy("ringmaster_pa", [x0.clone()], num_workers=1, lr=0.5, norm="l2", nesterov=False)
+    x, m = x0.clone(), torch.zeros_like(x0)
+    for k, g in enumerate(gs):
+        pol.on_gradient(0, k, g)
+        alpha = 1.0 if k == 0 else 1 / math.sqrt(k)
+        m = (1 - alpha) * m + alpha * g
+        x = x - 0.5 / (k + 1) ** 0.75 * m / m.norm()
+    torch.testing.assert_close(pol.params[0], x, rtol=1e-12, atol=1e-12)
+
+
+def test_ringmaster_asgd_matches_direct_formula():
+    x0 = vec()
+    pol = make_policy("ringmaster_asgd", [x0.clone()], num_workers=2, lr=0.3, threshold=2)
+    x = x0.clone()
+    for i, g in enumerate(grads(5)):
+        d = pol.on_gradient(i % 2, pol.version, g)
+        assert d.accepted
+        x = x - 0.3 * g
+    torch.testing.assert_close(pol.params[0], x, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_ringmaster_l2_momentum_matches_direct_formula(nesterov):
+    x0, beta, lr, rho = vec(), 0.9, 0.05, 0.7
+    pol = make_policy("ringmaster", [x0.clone()], num_workers=2, lr=lr, threshold=4, norm="l2", radius=rho,
+                      momentum=beta, nesterov=nesterov)
+    x, m = x0.clone(), torch.zeros_like(x0)
+    for g in grads(6):
+        pol.on_gradient(0, pol.version, g)
+        m = beta * m + (1 - beta) * g
+        u = beta * m + (1 - beta) * g if nesterov else m
+        x = x - lr * rho * u / u.norm()
+    torch.testing.assert_close(pol.params[0], x, rtol=1e-12, atol=1e-12)
+
+
+def test_param_groups_use_their_own_norm_radius_and_lr():
+    W = torch.randn(5, 3, dtype=torch.float64)
+    b = vec(3)
+    gW, gb = torch.randn(5, 3, dtype=torch.float64), vec(3, seed=5)
+    pol = make_policy("async", [
+        {"params": [W.clone()], "norm": "spectral", "radius": 2.0, "lr": 0.1},
+        {"params": [b.clone()], "norm": "sign", "lr": 0.01},
+    ], num_workers=1, lr=1.0, momentum=0.0)
+    pol.on_gradient(0, 0, [gW, gb])
+    torch.testing.assert_close(pol.params[0], W + 0.1 * norms.lmo(gW, "spectral", 2.0))
+    torch.testing.assert_close(pol.params[1], b - 0.01 * torch.sign(gb))
+
+
+def test_delay_adaptive_scales_step_by_n_over_delay():
+    n = 4
+    pol = make_policy("delay_adaptive", [torch.zeros(3, dtype=torch.float64)], num_workers=n, lr=1.0,
+                      norm="l2", momentum=0.0)
+    g = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    for _ in range(8):
+        pol.on_gradient(0, pol.version, g)
+    before = pol.params[0].clone()
+    d = pol.on_gradient(1, 0, g)  # delay 8 > n
+    assert d.accepted and d.delay == 8
+    assert (before - pol.params[0])[0].item() == pytest.approx(n / 8)
+
+
+def test_rennala_batches_at_one_point_and_restarts_everyone():
+    x0 = vec()
+    pol = make_policy("rennala", [x0.clone()], num_workers=5, lr=0.2, batch=3, norm="l2", momentum=0.0)
+    gs = grads(3)
+    d1 = pol.on_gradient(0, 0, gs[0])
+    d2 = pol.on_gradient(0, 0, gs[1])  # a fast worker contributes twice
+    assert (d1.accepted, d1.advanced, d1.restart) == (True, False, True)
+    assert not d2.advanced and pol.version == 0
+    d3 = pol.on_gradient(4, 0, gs[2])
+    assert d3.advanced and d3.version == 1 and d3.cancel_before == 1 and not d3.restart_idle
+    mean = (gs[0] + gs[1] + gs[2]) / 3
+    torch.testing.assert_close(pol.params[0], x0 - 0.2 * mean / mean.norm())
+    stale = pol.on_gradient(2, 0, gs[0])
+    assert not stale.accepted and pol.discarded == 1
+
+
+def test_sync_waits_for_every_worker():
+    pol = make_policy("sync", [vec()], num_workers=3, lr=0.1, norm="l2")
+    ds = [pol.on_gradient(w, 0, g) for w, g in zip((2, 0, 1), grads(3))]
+    assert [d.restart for d in ds] == [False, False, True]
+    assert [d.advanced for d in ds] == [False, False, True]
+    assert ds[-1].restart_idle and ds[-1].version == 1
+
+
+def test_infinite_threshold_is_async():
+    gs = grads(6)
+    arrivals = [(0, 0), (1, 0), (0, 1), (2, 0), (1, 2), (0, 4)]
+    a = make_policy("async", [vec()], num_workers=3, lr=0.1, norm="l2")
+    r = Ringmaster([vec()], num_workers=3, lr=0.1, threshold=math.inf, stops=True, norm="l2")
+    for (w, v), g in zip(arrivals, gs):
+        da, dr = a.on_gradient(w, v, g), r.on_gradient(w, v, g)
+        assert da == dr
+    assert torch.equal(a.params[0], r.params[0])
+
+
+def test_state_dict_round_trip_continues_identically():
+    gs = grads(8)
+    a = make_policy("rennala", [vec()], num_workers=2, lr=0.1, batch=3, norm="l2")
+    for g in gs[:4]:
+        a.on_gradient(0, a.version, g)
+    b = make_policy("rennala", [a.params[0].clone()], num_workers=2, lr=0.1, batch=3, norm="l2")
+    b.load_state_dict(a.state_dict())
+    assert b.counters() == a.counters()
+    for g in gs[4:]:
+        assert a.on_gradient(1, a.version, g) == b.on_gradient(1, b.version, g)
+    assert torch.equal(a.params[0], b.params[0])
+    with pytest.raises(ValueError, match="state is for policy"):
+        make_policy("sync", [vec()], num_workers=2, lr=0.1).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="ringmaster", num_workers=0, lr=0.1), "num_workers"),
+    (dict(method="ringmaster", num_workers=2, lr=0.1, threshold=0), "threshold"),
+    (dict(method="ringmaster", num_workers=2, lr=-0.1), "lr"),
+    (dict(method="ringmaster", num_workers=2, lr=float("nan")), "lr"),
+    (dict(method="nope", num_workers=2, lr=0.1), "method"),
+    (dict(method="rennala", num_workers=2, lr=0.1, batch=0), "batch"),
+    (dict(method="async", num_workers=2, lr=0.1, threshold=3), "threshold"),
+    (dict(method="ringmaster", num_workers=2, lr=0.1, norm="frobnorm"), "norm"),
+    (dict(method="ringmaster", num_workers=2, lr=0.1, momentum=1.0), "momentum"),
+])
+def test_bad_configuration_raises_naming_the_argument(kwargs, match):
+    method = kwargs.pop("method")
+    with pytest.raises(ValueError, match=match):
+        make_policy(method, [vec()], **kwargs)
+
+
+def test_bad_arrivals_raise():
+    pol = make_policy("ringmaster", [vec()], num_workers=2, lr=0.1, norm="l2")
+    with pytest.raises(ValueError, match="worker"):
+        pol.on_gradient(2, 0, grads(1)[0])
+    with pytest.raises(ValueError, match="version"):
+        pol.on_gradient(0, 1, grads(1)[0])
+    with pytest.raises(ValueError, match="shape"):
+        pol.on_gradient(0, 0, torch.zeros(5, dtype=torch.float64))
+
+
+def test_every_method_is_buildable_and_decides():
+    for name in METHODS:  # default norm: spectral, on a matrix
+        extra = {"batch": 2} if name == "rennala" else {}
+        pol = make_policy(name, [vec().view(2, 3)], num_workers=2, lr=0.1, **extra)
+        d = pol.on_gradient(0, 0, grads(1)[0].view(2, 3))
+        assert isinstance(d, Decision) and d.accepted
+        assert isinstance(pol, (Ringmaster, Minibatch)) or name == "delay_adaptive"
