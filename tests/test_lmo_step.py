@@ -28,6 +28,12 @@ def _state(shapes, device="cpu", dtype=torch.float32, seed=0):
     return xs, gs, ms
 
 
+def _x_tol(name, device):
+    """On CUDA spectral iterates in bf16, and the kernel rounds u to bf16 before the
+    normalization while the twin rounds after it: agreement to bf16 Newton–Schulz noise."""
+    return 0.03 * HYPER["lr"] * HYPER["radius"] if name == "spectral" and device.type == "cuda" else 2e-5
+
+
 def _clone(ts):
     return [t.clone() for t in ts]
 
@@ -69,7 +75,8 @@ def test_kernel_matches_twin_on_mixed_list(name, nesterov, tiles, kernel_device)
         ops.lmo_step_(xr, gs, mr, norm=name, nesterov=nesterov, backend="torch", **HYPER)
     for x, m, x_ref, m_ref in zip(xs, ms, xr, mr):
         torch.testing.assert_close(m, m_ref, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(x, x_ref, rtol=2e-5, atol=2e-5)
+        tol = _x_tol(name, kernel_device)
+        torch.testing.assert_close(x, x_ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", norms.KNOWN)
@@ -107,7 +114,8 @@ def test_nan_gradient_poisons_only_its_tensor(name, backend, kernel_device):
     gs[1].view(-1)[0] = float("nan")
     ops.lmo_step_(xs, gs, ms, norm=name, backend=backend, **HYPER)
     assert ms[1].isnan().any() and xs[1].isnan().any()
-    torch.testing.assert_close(xs[0], clean_x[0], rtol=2e-5, atol=2e-5)
+    tol = _x_tol(name, kernel_device)
+    torch.testing.assert_close(xs[0], clean_x[0], rtol=tol, atol=tol)
     torch.testing.assert_close(ms[0], clean_m[0])
 
 
@@ -122,7 +130,8 @@ def test_muon_is_spectral_with_muon_scale_and_nesterov(backend, kernel_device):
         u = b * m + (1 - b) * g
         rows, cols = x.shape
         expected = x_before - lr * max(1.0, rows / cols) ** 0.5 * reference.orthogonalize(u)
-        torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
+        tol = _x_tol("spectral", kernel_device)
+        torch.testing.assert_close(x, expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -137,7 +146,7 @@ def test_non_contiguous_grads_are_copied(backend, kernel_device):
         torch.testing.assert_close(a, b)
 
 
-def test_one_launch_per_pass_for_a_long_list(monkeypatch):
+def test_one_launch_per_pass_for_a_long_list(monkeypatch, kernel_device):
     """Sixty mixed-size tensors cost one launch per pass per (param, grad) dtype pair."""
     calls = []
     for method in ("stats_pass", "update_pass"):
@@ -150,7 +159,7 @@ def test_one_launch_per_pass_for_a_long_list(monkeypatch):
         monkeypatch.setattr(lmo_kernels._Launch, method, counted)
     shapes = [(1 + i % 7, 3 + i % 5) for i in range(60)]
     for name, passes in (("sign", 1), ("l2", 2), ("colnorm", 2)):
-        xs, gs, ms = _state(shapes, seed=8)
+        xs, gs, ms = _state(shapes, kernel_device, seed=8)
         xs[::2] = [x.half() for x in xs[::2]]
         gs[::2] = [g.half() for g in gs[::2]]
         calls.clear()
@@ -159,9 +168,9 @@ def test_one_launch_per_pass_for_a_long_list(monkeypatch):
         assert len(calls) == 2 * passes
 
 
-def test_empty_list_and_empty_tensors_are_noops():
+def test_empty_list_and_empty_tensors_are_noops(kernel_device):
     ops.lmo_step_([], [], [], norm="sign", backend="triton", **HYPER)
-    xs, gs, ms = _state([(0, 5), (3, 4)], seed=9)
+    xs, gs, ms = _state([(0, 5), (3, 4)], kernel_device, seed=9)
     xr, mr = _clone(xs), _clone(ms)
     ops.lmo_step_(xs, gs, ms, norm="l2", backend="triton", **HYPER)
     ops.lmo_step_(xr, gs, mr, norm="l2", backend="torch", **HYPER)

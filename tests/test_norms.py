@@ -122,9 +122,9 @@ def test_spectral_identities_on_well_conditioned_input():
 # ---------------------------------------------------------------- zero and non-finite input
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", norms.KNOWN)
-def test_zero_unit_gives_zero_and_leaves_others(name, backend):
+def test_zero_unit_gives_zero_and_leaves_others(name, backend, kernel_device):
     gen = torch.Generator().manual_seed(4)
-    G = torch.randn(3, 5, 4, generator=gen)
+    G = torch.randn(3, 5, 4, generator=gen).to(kernel_device)
     G[1] = 0.0
     if name == "bias_rms":
         G[0, 2] = 0.0
@@ -132,15 +132,16 @@ def test_zero_unit_gives_zero_and_leaves_others(name, backend):
     assert torch.isfinite(Z).all()
     assert (Z[1] == 0).all()
     ref = norms.lmo(G, name, 1.0, backend="torch")
-    torch.testing.assert_close(Z, ref, rtol=1e-4, atol=1e-5)
+    tol = 2e-2 if name == "spectral" and Z.is_cuda else 1e-5
+    torch.testing.assert_close(Z, ref, rtol=tol, atol=tol)
     assert (Z[0] != 0).any() and (Z[2] != 0).any()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", ELEMENTWISE)
-def test_non_finite_input_is_confined_to_its_unit(name, backend):
+def test_non_finite_input_is_confined_to_its_unit(name, backend, kernel_device):
     gen = torch.Generator().manual_seed(5)
-    G = torch.randn(3, 6, 5, generator=gen)
+    G = torch.randn(3, 6, 5, generator=gen).to(kernel_device)
     G[1, 2, 3] = float("nan")
     G[2, 4, 1] = float("inf")
     Z = norms.lmo(G, name, 1.0, backend=backend)
@@ -191,7 +192,8 @@ def test_kernel_spectral_matches_twin(kernel_device):
     gen = torch.Generator().manual_seed(8)
     G = torch.randn(2, 20, 12, generator=gen).to(kernel_device)
     Z = norms.lmo(G, "spectral", 0.5, scale="scion", out=poison_like(G), backend="triton")
-    torch.testing.assert_close(Z, norms.lmo(G, "spectral", 0.5, scale="scion", backend="torch"), rtol=1e-4, atol=1e-4)
+    tol = 2e-2 if kernel_device.type == "cuda" else 1e-4  # CUDA iterates in bf16
+    torch.testing.assert_close(Z, norms.lmo(G, "spectral", 0.5, scale="scion", backend="torch"), rtol=tol, atol=tol)
 
 
 @pytest.mark.cuda

@@ -67,7 +67,7 @@ def _tile(tiles, itab, BR: tl.constexpr, BC: tl.constexpr):
     col_ok = cols < C
     offs = rows[:, None] * C + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    return t, row, r0, C, rows, cols, row_ok, col_ok, offs, mask
+    return t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _stats_kernel(
     BR: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, REDUCE: tl.constexpr,
 ):
-    t, row, r0, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC)
+    t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC)
     g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
     if MOMENTUM:
         m_ptr = tl.load(row + 2).to(M0.dtype, bitcast=True)
@@ -104,7 +104,14 @@ def _stats_kernel(
     sbase = tl.load(row + 7)
     if REDUCE == 1:
         rg = tl.load(row + 6)
-        tl.atomic_add(stats + sbase + rows // rg, tl.sum(u * u, axis=1), mask=row_ok, sem="relaxed")
+        sums = tl.sum(u * u, axis=1)
+        first = r0 // rg
+        if first == (tl.minimum(r0 + BR, r_end) - 1) // rg:
+            # the tile lies in one group (a big matrix's Frobenius norm): one atomic, not
+            # one per row, which would all contend for the same address
+            tl.atomic_add(stats + sbase + first, tl.sum(sums, axis=0), sem="relaxed")
+        else:
+            tl.atomic_add(stats + sbase + rows // rg, sums, mask=row_ok, sem="relaxed")
     if REDUCE == 2:
         h = tl.load(row + 5)
         tl.atomic_add(stats + sbase + (r0 // h) * C + cols, tl.sum(u * u, axis=0), mask=col_ok, sem="relaxed")
@@ -117,7 +124,7 @@ def _update_kernel(
     SOURCE: tl.constexpr, NESTEROV: tl.constexpr, REDUCE: tl.constexpr,
     SIGN: tl.constexpr, HAS_X: tl.constexpr,
 ):
-    t, row, r0, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC)
+    t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC)
     if SOURCE == 0:
         g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
         u = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
