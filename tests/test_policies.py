@@ -219,3 +219,18 @@ def test_every_method_is_buildable_and_decides():
         d = pol.on_gradient(0, 0, grads(1)[0].view(2, 3))
         assert isinstance(d, Decision) and d.accepted
         assert isinstance(pol, (Ringmaster, Minibatch)) or name == "delay_adaptive"
+
+
+@pytest.mark.parametrize("method", ["ringmaster", "ringmaster_pa"])
+def test_fused_step_matches_unfused(method):
+    W = torch.randn(4, 6, dtype=torch.float32)
+    b = torch.randn(6, dtype=torch.float32)
+    groups = lambda: [{"params": [W.clone()], "norm": "spectral"}, {"params": [b.clone()], "norm": "l2", "radius": 0.5}]  # noqa: E731
+    a = make_policy(method, groups(), num_workers=2, lr=0.05)
+    f = make_policy(method, groups(), num_workers=2, lr=0.05, fused=True)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        g = [torch.randn(4, 6, generator=gen), torch.randn(6, generator=gen)]
+        assert a.on_gradient(0, a.version, g) == f.on_gradient(0, f.version, g)
+    for pa, pf in zip(a.params, f.params):
+        torch.testing.assert_close(pa, pf, rtol=1e-4, atol=1e-5)

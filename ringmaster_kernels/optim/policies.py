@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 
-from .. import norms
+from .. import norms, ops
 
 GradientSource = Union[torch.Tensor, Sequence[torch.Tensor], Callable[[], Union[torch.Tensor, Sequence[torch.Tensor]]]]
 
@@ -116,6 +116,10 @@ class Policy:
             (``alpha = 1 - beta`` in the paper's notation). 0 disables momentum.
         nesterov: use ``u = beta m + (1 - beta) g`` (Muon) instead of ``u = m``.
         backend: passed to :func:`norms.lmo` (``"auto"`` | ``"triton"`` | ``"torch"``).
+        fused: update each normed group with one :func:`ops.lmo_step_` call (fused
+            kernels on CUDA; fp32 momentum state) instead of momentum, ``norms.lmo`` and
+            ``add_`` per tensor in the parameters' dtype (the float64-exact path the
+            simulator uses; on CPU it is also the cheaper one).
     """
 
     name = "policy"
@@ -131,6 +135,7 @@ class Policy:
         momentum: float = 0.95,
         nesterov: bool = True,
         backend: str | None = "auto",
+        fused: bool = False,
     ) -> None:
         self.num_workers = _check_int(num_workers, "num_workers")
         self.lr = _check_lr(lr)
@@ -138,6 +143,7 @@ class Policy:
         self._has_momentum = self.momentum > 0.0
         self.nesterov = bool(nesterov)
         self.backend = backend
+        self.fused = bool(fused)
         if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
             raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
         self.param_groups = self._build_groups(params, norm, float(radius))
@@ -198,24 +204,38 @@ class Policy:
             grad = grad()
         return [grad] if isinstance(grad, torch.Tensor) else list(grad)
 
+    def _buffer(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """Momentum of parameter ``i``, zero-initialised as in the paper and the authors' code."""
+        m = self._momentum_buffers[i]
+        if m is None:
+            m = self._momentum_buffers[i] = torch.zeros_like(self.params[i], dtype=dtype)
+        return m
+
     def _step(self, grads: Sequence[torch.Tensor], delay: int) -> None:
         """One update ``x <- x + lr_k * lmo(u)`` (or ``x - lr_k * u`` when norm is None)."""
         if len(grads) != len(self.params):
             raise ValueError(f"grad must hold one tensor per parameter ({len(self.params)}), got {len(grads)}")
-        beta = self._beta()
+        for i, (g, p) in enumerate(zip(grads, self.params)):
+            if g.shape != p.shape:
+                raise ValueError(f"grad {i} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
+        beta = self._beta() if self._has_momentum else 0.0
         factor = self._lr_factor(delay)
         i = 0
         for group in self.param_groups:
             lr = group["lr"] * factor
+            count = len(group["params"])
+            if self.fused and group["norm"] is not None:
+                momenta = [self._buffer(j, torch.float32) for j in range(i, i + count)]
+                ops.lmo_step_(group["params"], list(grads[i:i + count]), momenta, norm=group["norm"], lr=lr,
+                              beta=beta, nesterov=self.nesterov, radius=group["radius"], backend=self.backend,
+                              **group["lmo_options"])
+                i += count
+                continue
             for p in group["params"]:
                 g = grads[i]
-                if g.shape != p.shape:
-                    raise ValueError(f"grad {i} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
                 u = g
                 if self._has_momentum:
-                    m = self._momentum_buffers[i]
-                    if m is None:  # zero-initialised buffer, as in the paper and the authors' code
-                        m = self._momentum_buffers[i] = torch.zeros_like(p)
+                    m = self._buffer(i, p.dtype)
                     # torch.lerp is exact at weight 1, so beta_k = 0 (alpha_0 = 1) gives m = u = g
                     m.lerp_(g, 1.0 - beta)
                     u = torch.lerp(g, m, beta) if self.nesterov else m
@@ -254,9 +274,20 @@ class Policy:
         """``{"version", "accepted", "discarded"}`` (cancelled jobs are counted by the driver)."""
         return {"version": self.version, "accepted": self.accepted, "discarded": self.discarded}
 
+    def remove_worker(self, worker: int) -> Decision | None:
+        """The driver lost ``worker`` for good (it crashed or hung); call once per worker.
+
+        Returns a :class:`Decision` to execute (no arriving worker to answer: its
+        ``restart`` is meaningless), or ``None`` when nothing changes, as for every
+        method that does not wait on particular workers.
+        """
+        if not 0 <= worker < self.num_workers:
+            raise ValueError(f"worker must be in [0, {self.num_workers}), got {worker}")
+        return None
+
     # ------------------------------------------------------------------ checkpoints
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov}
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "fused": self.fused}
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, momentum buffers and per-group settings (not the parameters, as in torch.optim)."""
@@ -353,7 +384,7 @@ class ParameterAgnosticRingmaster(Ringmaster):
         return self.schedule(self.version)[2]
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "nesterov": self.nesterov, "stops": self.stops}
+        return {"lr": self.lr, "nesterov": self.nesterov, "stops": self.stops, "fused": self.fused}
 
 
 class DelayAdaptive(Policy):
@@ -409,14 +440,28 @@ class Minibatch(Policy):
         self.accepted += 1
         if self._count < self.batch:
             return Decision(accepted=True, advanced=False, version=self.version, delay=delay, restart=not self.per_worker)
+        return self._apply_batch(delay, accepted=True)
+
+    def _apply_batch(self, delay: int, accepted: bool) -> Decision:
         scale = 1.0 / self._count
         mean = [s.mul_(scale) for s in self._sum]
         self._sum, self._count = None, 0
         self._step(mean, delay)
         return Decision(
-            accepted=True, advanced=True, version=self.version, delay=delay,
+            accepted=accepted, advanced=True, version=self.version, delay=delay,
             cancel_before=self.version, restart_idle=self.per_worker,
         )
+
+    def remove_worker(self, worker: int) -> Decision | None:
+        """A synchronous barrier stops waiting for a lost worker: the batch shrinks by one,
+        and a batch that is now complete is applied at once (restarting the idle workers)."""
+        super().remove_worker(worker)
+        if not self.per_worker or self.batch == 1:
+            return None
+        self.batch -= 1
+        if self._count == 0 or self._count < self.batch:
+            return None
+        return self._apply_batch(0, accepted=False)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), "batch": self.batch, "per_worker": self.per_worker}
@@ -433,12 +478,12 @@ class Minibatch(Policy):
         self._count = state["batch_count"]
 
 
-_COMMON = ("lr", "norm", "radius", "momentum", "nesterov", "backend")
+_COMMON = ("lr", "norm", "radius", "momentum", "nesterov", "backend", "fused")
 
 # name -> (constructor, fixed keyword arguments, keyword arguments a caller may set)
 METHODS: dict[str, tuple[type, dict[str, Any], tuple[str, ...]]] = {
     "ringmaster": (Ringmaster, {"stops": True}, _COMMON + ("threshold",)),
-    "ringmaster_pa": (ParameterAgnosticRingmaster, {"stops": True}, ("lr", "norm", "radius", "nesterov", "backend")),
+    "ringmaster_pa": (ParameterAgnosticRingmaster, {"stops": True}, ("lr", "norm", "radius", "nesterov", "backend", "fused")),
     "sync": (Minibatch, {"per_worker": True}, _COMMON),
     "async": (Ringmaster, {"threshold": math.inf, "stops": False}, _COMMON),
     "delay_adaptive": (DelayAdaptive, {}, _COMMON),
