@@ -71,19 +71,20 @@ def _update_configs() -> list[triton.Config]:
     ]
 
 
+def _tile_side(config: triton.Config) -> int:
+    return config.kwargs.get("BLOCK", config.kwargs.get("BLOCK_M"))
+
+
 def _prune(configs: list[triton.Config], named_args: dict, **_: object) -> list[triton.Config]:
     """Drop configs whose tiles overhang the matrix by more than one halving.
 
-    A 256-wide tile on a 96-row Gram matrix is mostly masked-out work; keeping only the
-    tiles that fit (or the smallest ones when none fits) is the shape heuristic, and the
+    A 256-wide tile on a 96-row Gram matrix is mostly masked-out work; keeping the tiles
+    that fit (or the smallest ones when none fits) is the shape heuristic, and the
     autotuner times what is left.
     """
-    size = named_args["M"]
-    fit = [c for c in configs if max(c.kwargs.get("BLOCK", 0), c.kwargs.get("BLOCK_M", 0)) <= 2 * size]
-    if fit:
-        return fit
-    smallest = min(max(c.kwargs.get("BLOCK", 0), c.kwargs.get("BLOCK_M", 0)) for c in configs)
-    return [c for c in configs if max(c.kwargs.get("BLOCK", 0), c.kwargs.get("BLOCK_M", 0)) == smallest]
+    fit = [c for c in configs if _tile_side(c) <= 2 * named_args["M"]]
+    smallest = min(_tile_side(c) for c in configs)
+    return fit or [c for c in configs if _tile_side(c) == smallest]
 
 
 @triton.jit
