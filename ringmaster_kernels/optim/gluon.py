@@ -5,28 +5,32 @@ one step per parameter ``x`` with gradient ``g`` is (../shared/ALGORITHMS.md)::
 
     m <- beta * m + (1 - beta) * g                       # EMA momentum
     u <- beta * m + (1 - beta) * g   (nesterov)  or  m
-    x <- (1 - lr * weight_decay) * x + lr * t * lmo(u)   # lmo(u) = argmin_{||z|| <= radius} <u, z>
+    x <- (1 - eta * weight_decay) * x + eta * lmo(u)     # lmo(u) = argmin_{||z|| <= radius} <u, z>
 
-with ``t = 1`` (plain lr) or, when the group gives layer-wise ``(L0, L1)``, Gluon's
-step-size rule ``t = ||g||_* / (L0 + L1 ||g||_*)``. Muon is ``norm="spectral"`` with
+with ``eta = lr`` or, when the group gives layer-wise ``(L0, L1)``, ``eta = lr * t`` with
+Gluon's step-size rule ``t = ||g||_* / (L0 + L1 ||g||_*)`` (per tensor, dual norm of
+the gradient in the group's norm). Muon is ``norm="spectral"`` with
 ``norm_options={"scale": "muon"}`` (radius ``max(1, rows/cols) ** 0.5``); Scion's hidden
 layers are ``{"scale": "scion"}`` and its constrained step is ``weight_decay=1``.
 
-Inside a group, parameters are bucketed by (matrix shape, dtype, device); every bucket
-goes through one batched LMO call (one batched Newton–Schulz for spectral norms) and
-multi-tensor (``torch._foreach_*``) momentum and update, not a Python loop per parameter.
+A group's parameters (per device) go through one ``ops.lmo_step_`` call: the fused
+multi-tensor step, which on CUDA runs a few Triton launches for the whole list, with one
+batched Newton–Schulz per matrix shape; on CPU it is the plain-torch twin. Every tensor
+is seen as a matrix (:func:`matrix_shape`), so vectors and conv kernels work with every norm.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from itertools import chain
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .. import norms
+from .. import norms, ops
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
+MOMENTUM = "momentum_buffer"  # fp32 for every parameter dtype, as ops.lmo_step_ requires
 
 # Group keys that feed a norm option when the catalogue entry declares it.
 _NS_KEYS = {"ns_steps": "steps", "ns_coefficients": "coefficients"}
@@ -49,12 +53,16 @@ def matrix_shape(shape: torch.Size | Sequence[int]) -> tuple[int, int]:
     return (shape[0], math.prod(shape[1:]))
 
 
-class NonFiniteGuard:
-    """Mixin: detect a non-finite gradient before a step and skip (counting) or raise.
+class LMOStateMixin:
+    """What Gluon and GluonAdamW share: the non-finite guard and checkpoint handling.
 
-    ``skipped_steps`` travels in ``state_dict()`` so a resumed run keeps its count.
-    Checking costs one host synchronization per step; ``nonfinite="ignore"`` avoids it
-    and lets NaN/inf reach the parameters.
+    Before a step, a non-finite gradient makes the step be skipped (and counted in
+    ``skipped_steps``) or raise. Checking costs one host synchronization per step;
+    ``nonfinite="ignore"`` avoids it and lets NaN/inf reach the parameters.
+
+    ``state_dict()`` adds ``skipped_steps``; ``load_state_dict()`` keeps the fp32
+    momentum buffers fp32 (``torch.optim`` would cast them to the parameter's dtype,
+    rounding a bf16 model's momentum), so a round trip is bitwise for every dtype.
     """
 
     skipped_steps: int
@@ -97,7 +105,13 @@ class NonFiniteGuard:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
+        saved = {k: v[MOMENTUM] for k, v in state_dict["state"].items() if isinstance(v, dict) and MOMENTUM in v}
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)  # type: ignore[attr-defined]
+        for k, p in zip(ids, params):
+            if k in saved:
+                self.state[p][MOMENTUM] = saved[k].to(device=p.device, dtype=torch.float32, copy=True)  # type: ignore[attr-defined]
         self.skipped_steps = int(skipped)
 
 
@@ -126,42 +140,7 @@ def norm_options(group: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def lmo_bucket_step_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momenta: list[torch.Tensor],
-    *,
-    norm: str,
-    lr: float,
-    beta: float,
-    nesterov: bool,
-    weight_decay: float,
-    radius: float,
-    L0: float | None = None,
-    L1: float | None = None,
-    backend: str | None = "auto",
-    **options: Any,
-) -> None:
-    """One momentum -> LMO -> update step on same-shape, same-dtype tensors, in place.
-
-    ``params``/``grads``/``momenta`` are lists of k tensors whose :func:`matrix_shape`
-    is the same (m, n); the LMO runs once on the stacked (k, m, n) direction.
-    ``options`` go to ``norms.lmo``/``norms.dual_norm``.
-    """
-    shape = matrix_shape(params[0].shape)
-    torch._foreach_lerp_(momenta, grads, 1.0 - beta)
-    directions = torch._foreach_lerp(grads, momenta, beta) if nesterov else momenta
-    U = torch.stack([d.reshape(shape) for d in directions])
-    D = norms.lmo(U, norm, radius, backend=backend, **options)
-    if L0 is not None:
-        dual = norms.dual_norm(torch.stack([g.reshape(shape) for g in grads]), norm, **options)
-        D = D * (dual / (L0 + L1 * dual)).to(D.dtype).view(-1, 1, 1)
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_add_(params, [d.view(p.shape) for d, p in zip(D.unbind(0), params)], alpha=lr)
-
-
-class Gluon(NonFiniteGuard, torch.optim.Optimizer):
+class Gluon(LMOStateMixin, torch.optim.Optimizer):
     """Layer-wise LMO optimizer: momentum -> LMO over each group's norm ball -> update.
 
     Args:
@@ -173,7 +152,7 @@ class Gluon(NonFiniteGuard, torch.optim.Optimizer):
         nesterov: step with ``beta m + (1 - beta) g`` instead of ``m``.
         norm: a name from ``norms`` (e.g. "spectral", "sign", "l2", "colnorm",
             "rownorm", "l1", "bias_rms").
-        radius: radius rho (> 0) of the norm ball.
+        radius: radius rho (>= 0) of the norm ball.
         weight_decay: decoupled decay: ``x <- (1 - lr * weight_decay) x`` before the
             update (1.0 gives Scion's constrained step).
         ns_steps, ns_coefficients: Newton–Schulz settings, for norms that take them.
@@ -184,9 +163,10 @@ class Gluon(NonFiniteGuard, torch.optim.Optimizer):
             ``skipped_steps``), "raise" (``FloatingPointError``) or "ignore" (no check).
         backend: "auto" | "triton" | "torch", passed to the norms.
 
-    Parameters are updated in their own dtype; the momentum buffer has the parameter's
-    dtype (as ``torch.optim.Muon``), so ``state_dict`` round-trips bitwise. Tensors of
-    3 or more dimensions are seen as (shape[0], rest) matrices.
+    Parameters are updated in their own dtype (rounded once); the momentum buffer
+    (``state[p]["momentum_buffer"]``) is fp32. Tensors of 3 or more dimensions are seen
+    as (shape[0], rest) matrices, vectors as 1 x d. With ``L0``/``L1`` each tensor's step
+    size is read on the host, so that group is stepped one tensor at a time.
     """
 
     def __init__(
@@ -240,24 +220,50 @@ class Gluon(NonFiniteGuard, torch.optim.Optimizer):
 
     def _group_step(self, group: dict[str, Any], gi: int) -> None:
         _check_hyper(group, f"param_groups[{gi}]")
-        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        options = norm_options(group)
+        common = dict(norm=group["norm"], beta=group["momentum"], nesterov=group["nesterov"],
+                      weight_decay=group["weight_decay"], radius=group["radius"], backend=self.backend, **options)
+        lr = float(group["lr"])
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is not None:
-                buckets[(matrix_shape(p.shape), p.dtype, p.device)].append(p)
-        for params in buckets.values():
-            momenta = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                momenta.append(state["momentum_buffer"])
-            lmo_bucket_step_(
-                params, [p.grad for p in params], momenta,
-                norm=group["norm"], lr=float(group["lr"]), beta=group["momentum"],
-                nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                radius=group["radius"], L0=group["L0"], L1=group["L1"],
-                backend=self.backend, **norm_options(group),
-            )
+                by_device[p.device].append(p)
+        for params in by_device.values():
+            # lmo_step_ updates contiguous tensors in place; a strided parameter steps on a
+            # contiguous copy that is written back.
+            work = [p if p.is_contiguous() else p.contiguous() for p in params]
+            xs = [w.view(matrix_shape(w.shape)) for w in work]
+            gs = [p.grad.reshape(x.shape) for p, x in zip(params, xs)]
+            ms = [self._momentum(p).view(x.shape) for p, x in zip(params, xs)]
+            if group["L0"] is None:
+                ops.lmo_step_(xs, gs, ms, lr=lr, **common)
+            else:
+                for x, g, m, t in zip(xs, gs, ms, _gluon_step_sizes(gs, group, options)):
+                    ops.lmo_step_([x], [g], [m], lr=lr * t, **common)
+            for p, w in zip(params, work):
+                if w is not p:
+                    p.copy_(w)
+
+    def _momentum(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if MOMENTUM not in state:
+            state[MOMENTUM] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return state[MOMENTUM]
+
+
+def _gluon_step_sizes(grads: list[torch.Tensor], group: dict[str, Any], options: dict[str, Any]) -> list[float]:
+    """Gluon's ``t_i = ||g_i||_* / (L0 + L1 ||g_i||_*)`` per tensor, with one host sync."""
+    dual = torch.cat([norms.dual_norm(g, group["norm"], **options).reshape(1).float() for g in grads])
+    denominator = group["L0"] + group["L1"] * dual
+    # L0 = 0 and a zero gradient: 0 / 0; no gradient, no step
+    return torch.where(denominator > 0, dual / denominator, torch.zeros_like(dual)).tolist()
+
+
+def _check_number(where: str, name: str, value: object, high: float = math.inf) -> None:
+    """ValueError unless ``0 <= value < high`` is a real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < high:
+        bound = "a finite number >= 0" if high == math.inf else f"in [0, {high:g})"
+        raise ValueError(f"{where}: {name} must be {bound}, got {value!r}")
 
 
 def _check_hyper(group: dict[str, Any], where: str) -> None:
@@ -267,27 +273,18 @@ def _check_hyper(group: dict[str, Any], where: str) -> None:
         if lr.numel() != 1:
             raise ValueError(f"{where}: lr must be a number or a 1-element tensor, got shape {tuple(lr.shape)}")
         lr = float(lr)
-    if not (isinstance(lr, (int, float)) and 0.0 <= lr < math.inf):
-        raise ValueError(f"{where}: lr must be a finite number >= 0, got {group['lr']!r}")
-    beta = group["momentum"]
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-        raise ValueError(f"{where}: momentum must be in [0, 1), got {beta!r}")
-    wd = group["weight_decay"]
-    if not (isinstance(wd, (int, float)) and 0.0 <= wd < math.inf):
-        raise ValueError(f"{where}: weight_decay must be a finite number >= 0, got {wd!r}")
-    try:
-        norms.check_radius(group["radius"])
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    _check_number(where, "lr", lr)
+    _check_number(where, "momentum", group["momentum"], high=1.0)
+    _check_number(where, "weight_decay", group["weight_decay"])
+    _check_number(where, "radius", group["radius"])
     if not isinstance(group["nesterov"], bool):
         raise TypeError(f"{where}: nesterov must be a bool, got {type(group['nesterov']).__name__}")
     L0, L1 = group["L0"], group["L1"]
     if (L0 is None) != (L1 is None):
         raise ValueError(f"{where}: give both L0 and L1 for Gluon's step-size rule, or neither")
     if L0 is not None:
-        for name, v in (("L0", L0), ("L1", L1)):
-            if not (isinstance(v, (int, float)) and 0.0 <= v < math.inf):
-                raise ValueError(f"{where}: {name} must be a finite number >= 0, got {v!r}")
+        _check_number(where, "L0", L0)
+        _check_number(where, "L1", L1)
         if L0 == 0 and L1 == 0:
             raise ValueError(f"{where}: L0 and L1 cannot both be 0")
 

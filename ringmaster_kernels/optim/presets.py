@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .gluon import Gluon, NonFiniteGuard, _collect_grads, matrix_shape
+from .gluon import Gluon, LMOStateMixin, _collect_grads, matrix_shape
 
 ROLES = ("hidden", "embedding", "head", "vector")
 KINDS = ("gluon", "adamw")
@@ -172,7 +172,7 @@ def scion_groups(
     return _apply_overrides(groups, overrides)
 
 
-class GluonAdamW(NonFiniteGuard, torch.optim.Optimizer):
+class GluonAdamW(LMOStateMixin, torch.optim.Optimizer):
     """One optimizer over groups of kind "gluon" (:class:`Gluon`) and "adamw" (fused AdamW).
 
     ``param_groups`` holds the very group dicts the two inner optimizers step, in the
