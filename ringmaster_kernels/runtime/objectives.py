@@ -78,7 +78,7 @@ class TridiagonalQuadratic(Objective):
 
 
 class LeastSquares(Objective):
-    """``f(x) = 1/(2m) ||M x - y||^2`` with minibatch gradients of ``batch`` rows.
+    """``f(x) = 1/(2m) ||M x - y||^2`` with minibatch gradients of ``batch`` distinct rows.
 
     ``M`` (m x d) and ``y`` (m,) are float64 tensors; the starting point is zero.
     Metric: ``||grad f(x)||^2`` over all rows.
@@ -105,7 +105,7 @@ class LeastSquares(Objective):
         return [torch.zeros(self.M.shape[1], dtype=torch.float64)]
 
     def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
-        rows = torch.from_numpy(rng.integers(0, self.M.shape[0], self.batch))
+        rows = torch.from_numpy(rng.choice(self.M.shape[0], self.batch, replace=False))
         Mb = self.M[rows]
         return [Mb.T @ (Mb @ params[0] - self.y[rows]) / self.batch]
 
