@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input and compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CUDA / 1 CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 20 CUDA / 3 CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd twin")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for this dtype; adds time / symmetric-FLOP floor")
@@ -78,8 +80,9 @@ def flop_counts(m: int, n: int, batch: int, steps: int) -> tuple[float, float]:
 
 def _table(result: dict) -> str:
     lines = [f"machine: {result['machine']}", f"config: {result['config']}"]
-    header = f"{'shape':>11} {'batch':>5} {'eager ms':>10} {'compiled ms':>11} {'triton ms':>10} {'cmp/tri':>7} {'TF/s dense':>10} {'TF/s sym':>9}"
-    lines.append(header)
+    # TFLOP/s columns are for Triton when timed, else the compiled twin, else eager.
+    lines.append(f"{'shape':>11} {'batch':>5} {'eager ms':>10} {'compiled ms':>11} {'triton ms':>10} "
+                 f"{'cmp/tri':>7} {'TF/s dense':>10} {'TF/s sym':>9}")
 
     def ms(v):
         return f"{v * 1e3:10.2f}" if v is not None else f"{'-':>10}"
@@ -89,7 +92,7 @@ def _table(result: dict) -> str:
         ratio = f"{r['compiled_vs_triton']:7.2f}" if r["compiled_vs_triton"] else f"{'-':>7}"
         lines.append(
             f"{r['shape'][0]:>5}x{r['shape'][1]:<5} {r['batch']:>5} {ms(r['eager_s'])} {ms(r['compiled_s']):>11} "
-            f"{ms(r['triton_s'])} {ratio} {r['flops_dense'] / best / 1e12:10.3f} {r['flops_symmetric'] / best / 1e12:9.3f}"
+            f"{ms(r['triton_s'])} {ratio} {r['flops_dense'] / best / 1e12:10.4g} {r['flops_symmetric'] / best / 1e12:9.4g}"
         )
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
@@ -102,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     from ..backend import triton_available
     from ._timing import emit, machine_info, time_fn
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
@@ -157,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(row)
 
     config = {"steps": args.steps, "coefficients": args.coefficients, "dtype": str(dtype).removeprefix("torch."),
-              "warmup": warmup, "repeats": repeats, "statistic": "median"}
+              "warmup": warmup, "repeats": repeats, "statistic": "median", "cpu_threads": torch.get_num_threads()}
     emit({"benchmark": "ns", "machine": machine_info(), "config": config, "results": results, "notes": notes},
          args.json, _table)
     return 0
