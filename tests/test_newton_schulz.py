@@ -122,6 +122,12 @@ def test_batch_equals_per_slice_loop():
         torch.testing.assert_close(batched[i], _kernel(G[i]), rtol=0, atol=1e-6)
 
 
+def test_batches_beyond_the_grid_limit_launch_in_chunks(monkeypatch):
+    monkeypatch.setattr(ns, "_MAX_GRID_Y", 2)  # CUDA's limit is 65535; 5 matrices -> 3 launches each
+    G = _randn(5, 16, 20)
+    _close(_kernel(G, steps=2), _twin(G, steps=2), torch.float32)
+
+
 def test_non_contiguous_input_and_output():
     base = _randn(3, 2, 40, 60)
     G = base[:, 1, ::2, 1::2]  # (3, 20, 30), strides in every dimension
