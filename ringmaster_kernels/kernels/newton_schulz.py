@@ -348,9 +348,7 @@ def orthogonalize(
     if not sched.triples:  # zero steps is the normalization alone; there is no iteration to fuse it into
         return reference.orthogonalize(G, 0, coefficients, eps, out, compute, scale, beta)
 
-    G3 = _batched_view(G)
-    if G3 is None:
-        G3 = G.reshape(-1, m, n)
+    G3 = G.reshape(-1, m, n)  # a view unless the batch dims cannot merge; read-only either way
     O3 = _batched_view(out)
     # The last update reads X across whole columns while writing `out`; if `out` is
     # G's memory and X is still G (one step) the reads would race the writes.
