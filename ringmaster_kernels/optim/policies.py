@@ -33,8 +33,7 @@ Policies are not thread-safe: one thread (the server) calls ``on_gradient``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
 
 import torch
 
@@ -45,9 +44,8 @@ GradientSource = Union[torch.Tensor, Sequence[torch.Tensor], Callable[[], Union[
 _GROUP_KEYS = ("params", "norm", "radius", "lr", "lmo_options")
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What a driver must do after a gradient arrived.
+class Decision(NamedTuple):
+    """What a driver must do after a gradient arrived (a tuple: cheap to build per event).
 
     Attributes:
         accepted: the gradient was used (applied or added to the current batch).

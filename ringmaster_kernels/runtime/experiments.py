@@ -46,11 +46,12 @@ TUNED: dict[str, dict[str, float]] = {**AUTHOR_DEFAULTS, "ringmaster_asgd": {"lr
 SWEEP_TUNED: dict[str, dict[str, float]] = dict(AUTHOR_DEFAULTS)
 TUNE_SEED, REPORT_SEED = 0, 1
 
-# The paper's grid: step sizes over powers of 5 (per method, the authors' ranges; sync and
-# async take those of their relatives Rennala and delay-adaptive), R and B over SIZE_GRID.
+# The paper's grid: step sizes over powers of 5 (exponent ranges per method: the authors',
+# extended upward where the best value sat on the edge; sync and async take those of their
+# relatives Rennala and delay-adaptive), R and B over SIZE_GRID.
 LR_GRID = {
-    "ringmaster": (-6, 1), "ringmaster_pa": (-4, 3), "sync": (-6, 1),
-    "async": (-8, -1), "delay_adaptive": (-8, -1), "rennala": (-6, 1),
+    "ringmaster": (-6, 2), "ringmaster_pa": (-4, 3), "sync": (-6, 3),
+    "async": (-8, -1), "delay_adaptive": (-8, -1), "rennala": (-6, 2),
 }
 SIZE_GRID = (1, 2, 4, 6, 8, 16, 32)
 

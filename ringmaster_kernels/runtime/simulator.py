@@ -127,7 +127,7 @@ def simulate(
     start_version = np.zeros(n, dtype=np.int64)
     idle = np.zeros(n, dtype=bool)
     snapshots: dict[int, list[torch.Tensor]] = {}
-    rows: dict[str, list] = {k: [] for k in ("time", "worker", "delay", "accepted", "version", "cancelled", "metric")}
+    decisions: list = []  # (time, worker, decision, cancelled, metric) per arrival
     started = 0
     now = 0.0
 
@@ -185,13 +185,7 @@ def simulate(
                 metric = objective.metric(policy.params)
                 updates_since_record = 0
                 reached = stop_at is not None and metric <= stop_at
-        rows["time"].append(now)
-        rows["worker"].append(worker)
-        rows["delay"].append(decision.delay)
-        rows["accepted"].append(decision.accepted)
-        rows["version"].append(decision.version)
-        rows["cancelled"].append(cancelled)
-        rows["metric"].append(metric)
+        decisions.append((now, worker, decision, cancelled, metric))
         if reached:
             break
         if len(snapshots) > 2 * n + 16:
@@ -203,14 +197,17 @@ def simulate(
     end_time = now if ran_out else horizon
     if progress is not None:
         progress(min(end_time, horizon))
+    def column(values, dtype) -> np.ndarray:
+        return np.fromiter(values, dtype=dtype, count=len(decisions))
+
     return Trace(
-        time=np.asarray(rows["time"], dtype=np.float64),
-        worker=np.asarray(rows["worker"], dtype=np.int64),
-        delay=np.asarray(rows["delay"], dtype=np.int64),
-        accepted=np.asarray(rows["accepted"], dtype=bool),
-        version=np.asarray(rows["version"], dtype=np.int64),
-        cancelled=np.asarray(rows["cancelled"], dtype=np.int64),
-        metric=np.asarray(rows["metric"], dtype=np.float64),
+        time=column((r[0] for r in decisions), np.float64),
+        worker=column((r[1] for r in decisions), np.int64),
+        delay=column((r[2].delay for r in decisions), np.int64),
+        accepted=column((r[2].accepted for r in decisions), bool),
+        version=column((r[2].version for r in decisions), np.int64),
+        cancelled=column((r[3] for r in decisions), np.int64),
+        metric=column((r[4] for r in decisions), np.float64),
         initial_metric=initial_metric,
         started=started,
         end_time=end_time,
