@@ -32,6 +32,7 @@ non-deterministic at the 1e-7 level).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Sequence
 
@@ -203,7 +204,10 @@ class _Launch:
     """Tables for one multi-tensor launch: tensors sharing device and dtypes."""
 
     def __init__(self, xs, gs, ms, us, layouts, factors, device):
-        self.layouts = layouts
+        if device.type != "cpu" and interpreting():
+            # the interpreter would dereference device addresses on the host
+            raise ValueError("TRITON_INTERPRET=1 runs these kernels on CPU tensors only; unset it for CUDA tensors")
+        self.device = device
         self.br, self.bc = _blocks(layouts)
         self.tiles = _tile_table(tuple(lay[:3] for lay in layouts), self.br, self.bc, device)
         rows, sbase = [], 0
@@ -221,18 +225,24 @@ class _Launch:
     def stats_pass(self, reduce: int, *, momentum: bool, nesterov: bool, beta: float, write_u: bool) -> None:
         if reduce == 0 and not (momentum or write_u):
             return
-        _stats_kernel[(self.tiles.shape[0],)](
-            self.tiles, self.itab, self.stats, beta, self.g0, self.m0, self.u0,
-            BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
-        )
+        with self._on_device():
+            _stats_kernel[(self.tiles.shape[0],)](
+                self.tiles, self.itab, self.stats, beta, self.g0, self.m0, self.u0,
+                BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
+            )
 
     def update_pass(self, reduce: int, source: int, *, nesterov: bool, beta: float, coef: float,
                     decay: float, sign: bool, has_x: bool) -> None:
-        _update_kernel[(self.tiles.shape[0],)](
-            self.tiles, self.itab, self.ftab, self.stats, beta, coef, decay,
-            self.x0, self.g0, self.m0, self.u0,
-            BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
-        )
+        with self._on_device():
+            _update_kernel[(self.tiles.shape[0],)](
+                self.tiles, self.itab, self.ftab, self.stats, beta, coef, decay,
+                self.x0, self.g0, self.m0, self.u0,
+                BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
+            )
+
+    def _on_device(self):
+        # raw addresses carry no device: launch on the tensors' GPU, not the current one
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _addr(t: torch.Tensor | None) -> int:
