@@ -166,7 +166,7 @@ def _quadratic(args, ex, exp, methods, params, overridden) -> int:
               f"seed={args.seed} target={args.target:g} x ||grad f(x0)||^2   wall {wall:.1f} s")
         if tuning is not None:
             for m, t in tuning.items():
-                print(f"tuned {m}: {t['best']}  (grid of {len(t['grid'])})")
+                _print_grid(m, t, args.tune_seed)
         print(f"{'method':<16}{'params':<30}{'final ||g||^2':>14}{'t_target':>10}{'accepted':>10}{'discarded':>11}")
         for m in methods:
             r = result["methods"][m]
@@ -174,6 +174,21 @@ def _quadratic(args, ex, exp, methods, params, overridden) -> int:
             p = ", ".join(f"{k}={v:g}" for k, v in params[m].items())
             print(f"{m:<16}{p:<30}{r['final_grad_norm_sq']:>14.3e}{ttt:>10}{r['accepted']:>10}{r['discarded']:>11}")
     return 0
+
+
+def _print_grid(method: str, tuning: dict, seed: int) -> None:
+    """The grid as a table of times to target (rows: step size; columns: R or B), then the choice."""
+    rows = tuning["grid"]
+    size_key = next((k for k in rows[0]["params"] if k != "lr"), None)
+    lrs = sorted({r["params"]["lr"] for r in rows})
+    sizes = sorted({r["params"][size_key] for r in rows}) if size_key else [None]
+    cell = {(r["params"]["lr"], r["params"].get(size_key)): r["time_to_target"] for r in rows}
+    print(f"tuning {method} on seed {seed}: time to target ('-': not reached)")
+    letter = {"threshold": "R", "batch": "B"}.get(size_key, "")
+    print(f"{'lr':>10}" + "".join(f"{f'{letter}={s}' if size_key else 'time':>9}" for s in sizes))
+    for lr in lrs:
+        print(f"{lr:>10.3g}" + "".join(f"{'-' if cell[(lr, s)] is None else format(cell[(lr, s)], '.0f'):>9}" for s in sizes))
+    print(f"chosen {method}: {tuning['best']}")
 
 
 def _jsonable(value):
