@@ -1,0 +1,141 @@
+"""Several hosts: the same server on rank 0 of a torch.distributed job, remote workers elsewhere.
+
+Launched with ``torchrun``; Gloo on CPU, NCCL on GPU; point-to-point sends only (no
+``torch.distributed.rpc``). Rank 0 runs :class:`~ringmaster_kernels.runtime.trainer.AsyncTrainer`
+with one :class:`RemoteWorker` per other rank: a rank-0 thread that, like a local worker,
+takes the published parameters, but instead of computing sends them to its rank and
+receives the gradient back, then pushes the record into the same queue. The server and
+the policy cannot tell a remote worker from a local one.
+
+Protocol, per job, on the (0, r) pair: rank 0 sends a header ``[JOB, version, job index]``
+(float64) and the flat parameters; rank r answers ``[loss]`` and the flat gradient. A
+header ``[EXIT, 0, 0]`` ends rank r's loop. A rank that dies breaks its pair's next
+send/recv; its proxy thread raises, the trainer reports the worker dead and the run goes on.
+
+Limits: a remote job cannot be cancelled mid-flight (its gradient arrives and the policy
+judges it, so the stops variant degrades to discarding on arrival for remote workers);
+remote data streams are not checkpointed.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from .trainer import FlatLayout, Job, LocalWorker, param_layout
+
+JOB, EXIT = 1.0, 0.0
+
+
+def init_from_env(timeout_s: float = 120.0) -> tuple[int, int]:
+    """Join the job torchrun started (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the
+    environment): NCCL when CUDA is available, else Gloo. Returns ``(rank, world_size)``."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("distributed: RANK/WORLD_SIZE are not set; launch with torchrun --nproc-per-node N")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def comm_device() -> torch.device:
+    """Where point-to-point tensors must live for the current backend."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class RemoteWorker:
+    """Rank 0's proxy for the worker process on ``rank`` (a :class:`WorkerBody`)."""
+
+    def __init__(self, rank: int) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1 (rank 0 is the server), got {rank!r}")
+        self.rank = rank
+        self.device = comm_device()
+
+    def __repr__(self) -> str:
+        return f"RemoteWorker(rank={self.rank}, device={str(self.device)!r})"
+
+    def bind(self, trainer, worker: int) -> None:
+        self.trainer, self.worker = trainer, worker
+
+    def setup(self) -> None:
+        self.reply = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self.grad = torch.empty(self.trainer.layout.numel, device=self.device)
+
+    def compute(self, job: Job) -> tuple[torch.Tensor, float]:
+        if job.ready is not None:
+            torch.cuda.current_stream().wait_event(job.ready)
+        header = torch.tensor([JOB, job.version, job.index], dtype=torch.float64, device=self.device)
+        dist.send(header, dst=self.rank)
+        dist.send(job.params.to(self.device), dst=self.rank)
+        dist.recv(self.reply, src=self.rank)
+        job.beat()
+        dist.recv(self.grad, src=self.rank)
+        job.beat()
+        return self.grad, float(self.reply[0])
+
+    def close(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def send_exit(ranks: list[int]) -> list[int]:
+    """Tell each rank's worker loop to end; returns the ranks that could not be told."""
+    failed = []
+    header = torch.tensor([EXIT, 0.0, 0.0], dtype=torch.float64, device=comm_device())
+    for rank in ranks:
+        try:
+            dist.send(header, dst=rank)
+        except Exception:  # a dead peer breaks the pair; nothing else to do for it
+            failed.append(rank)
+    return failed
+
+
+class _WorkerContext:
+    """What :class:`LocalWorker` needs from a trainer, on a worker rank."""
+
+    def __init__(self, task, layout: FlatLayout, seed: int):
+        self.task, self.layout, self.seed = task, layout, seed
+
+
+def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | None = None) -> int:
+    """Worker-rank loop: compute a gradient for every job rank 0 sends until EXIT.
+
+    ``body`` computes exactly as a local worker would (same data stream seed, same
+    emulated speed and faults); ``kill_at_job`` SIGKILLs this process when that job
+    arrives (a ``"kill"`` :class:`Fault`). Returns the number of gradients sent.
+    """
+    device = comm_device()
+    torch.manual_seed(seed)
+    layout, _ = param_layout(task, task.build_model())
+    body.bind(_WorkerContext(task, layout, seed), worker)
+    body.setup()
+    header = torch.zeros(3, dtype=torch.float64, device=device)
+    params = torch.empty(layout.numel, device=device)
+    sent = 0
+    while True:
+        dist.recv(header, src=0)
+        if header[0].item() == EXIT:
+            return sent
+        version, index = int(header[1].item()), int(header[2].item())
+        dist.recv(params, src=0)
+        if kill_at_job is not None and index == kill_at_job:
+            os.kill(os.getpid(), signal.SIGKILL)
+        job = Job(worker, index, version, params, None, cancelled=lambda: False, beat=lambda: None,
+                  sleep_until=lambda deadline: time.sleep(max(0.0, deadline - time.monotonic())) or True)
+        grad, loss = body.compute(job)
+        dist.send(torch.tensor([loss], dtype=torch.float64, device=device), dst=0)
+        dist.send(grad.to(device), dst=0)
+        sent += 1

@@ -1,0 +1,352 @@
+"""The real async runtime: threads, emulated heterogeneity, faults, accounting, checkpoints.
+
+Timing-based checks use emulated compute times far above the runtime's own latencies and
+loose bounds, and every run is bounded by max_time, so a loaded CI machine slows the
+tests down but cannot hang them.
+"""
+import _thread
+import math
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from ringmaster_kernels.optim.policies import make_policy
+from ringmaster_kernels.runtime.data import ByteData, stdlib_corpus
+from ringmaster_kernels.runtime.model import GPTConfig, GPTTask, TinyGPT
+from ringmaster_kernels.runtime.trainer import AsyncTrainer, Fault, Job, LocalWorker
+
+RUN_LIMIT = 60.0  # seconds: no run may take longer, whatever the machine's load
+
+
+class LinearTask:
+    """Least squares on a fixed random problem: cheap gradients, known optimum."""
+
+    def __init__(self, dim: int = 8, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.w_true = torch.randn(dim, generator=g)
+        self.dim = dim
+
+    def build_model(self) -> nn.Module:
+        return nn.Linear(self.dim, 1, bias=False)
+
+    def group_of(self, name: str) -> dict:
+        return {"norm": None}
+
+    def sample(self, batch_size, generator, device):
+        x = torch.randn(batch_size, self.dim, generator=generator)
+        return x.to(device), (x @ self.w_true).to(device)
+
+    def loss(self, model, batch):
+        x, y = batch
+        return (model(x).squeeze(-1) - y).square().mean()
+
+    def evaluate(self, model) -> float:
+        return float((model.weight.detach().squeeze(0) - self.w_true).square().sum())
+
+
+def linear_trainer(workers, method="async", **kwargs) -> AsyncTrainer:
+    options = kwargs.pop("policy_options", {"lr": 0.05, "momentum": 0.0})
+    return AsyncTrainer(LinearTask(), workers, method, options, torch_threads=1, **kwargs)
+
+
+def check_accounting(summary: dict) -> None:
+    t = summary["totals"]
+    assert t["pushed"] == summary["queue_pushed"]
+    assert t["pushed"] == t["accepted"] + t["stale"] + t["nonfinite"] + t["dropped"] + t["in_flight"]
+    assert summary["accounting_ok"]
+
+
+@pytest.fixture(scope="module")
+def gpt_task():
+    cfg = GPTConfig(d_model=32, n_layer=1, n_head=2, seq_len=32)
+    return GPTTask(cfg, ByteData(stdlib_corpus(300_000), cfg.seq_len), val_batches=2)
+
+
+def test_heterogeneous_threads_train_gpt_below_unigram_entropy(gpt_task):
+    corpus = stdlib_corpus(300_000).long()
+    p = torch.bincount(corpus, minlength=256).double() / corpus.numel()
+    unigram = float(-(p[p > 0] * p[p > 0].log()).sum())  # ~3.1 nats: what a context-free model reaches
+    workers = [LocalWorker(batch_size=8, compute_time=t) for t in (0.01, 0.02, 0.04)]
+    trainer = AsyncTrainer(gpt_task, workers, "ringmaster", {"lr": 0.05, "threshold": 4, "momentum": 0.9}, torch_threads=1)
+    summary = trainer.run(max_updates=150, max_time=RUN_LIMIT)
+    assert summary["updates"] == 150
+    assert summary["initial_loss"] == pytest.approx(math.log(256), abs=0.1)
+    assert summary["final_loss"] < unigram - 0.2
+    check_accounting(summary)
+    pushes = [w["pushed"] for w in summary["per_worker"]]
+    assert pushes[0] > pushes[2]  # the emulated fast worker delivers more
+
+
+def test_observed_staleness_matches_emulated_speeds():
+    times = (0.03, 0.09, 0.27)
+    trainer = linear_trainer([LocalWorker(batch_size=4, compute_time=t) for t in times], "async")
+    summary = trainer.run(max_time=4.0)
+    check_accounting(summary)
+    rates = [1.0 / t for t in times]
+    for i, w in enumerate(summary["per_worker"]):
+        # no threshold: every arrival is applied, so worker i's job sees the others' updates
+        expected = times[i] * (sum(rates) - rates[i])
+        assert w["mean_delay"] == pytest.approx(expected, rel=0.35, abs=0.3), (i, w, expected)
+    assert summary["per_worker"][0]["pushed"] > 4 * summary["per_worker"][2]["pushed"]
+    # the trace agrees with the policy's own bookkeeping
+    versions_before = [row[4] - int(row[3]) for row in trainer.trace]
+    assert all(d == vb - v for (_, v, d, _, _), vb in zip(trainer.trace, versions_before))
+    assert sum(int(k) * c for k, c in summary["delay_histogram"].items()) == sum(r[2] for r in trainer.trace)
+
+
+def test_accounting_identity_with_discards_cancels_nonfinite_and_in_flight():
+    workers = [LocalWorker(batch_size=4, compute_time=t) for t in (0.005, 0.01, 0.08)]
+    # the fastest worker's first job finishes first, so it cannot be cancelled before its push
+    workers[0] = LocalWorker(batch_size=4, compute_time=0.005, fault=Fault("nan", 0))
+    options = {"lr": 0.05, "momentum": 0.0, "threshold": 2}
+    trainer = linear_trainer(workers, "ringmaster", policy_options=options)
+    before = [p.clone() for p in trainer.policy.params]
+    summary = trainer.run(max_updates=60, max_time=RUN_LIMIT)
+    check_accounting(summary)
+    t = summary["totals"]
+    assert t["nonfinite"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.policy.params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.params))
+    assert t["accepted"] == trainer.policy.accepted
+    assert t["stale"] == trainer.policy.discarded
+    assert t["cancelled"] + t["stale"] > 0  # R = 2 against a worker 16x slower than the fastest
+
+
+@pytest.mark.parametrize("method", ["ringmaster", "sync"])
+def test_worker_crash_is_reported_and_the_run_continues(method):
+    workers = [LocalWorker(batch_size=4, compute_time=0.01) for _ in range(3)]
+    workers[1] = LocalWorker(batch_size=4, compute_time=0.01, fault=Fault("raise", 3))
+    logs = []
+    trainer = linear_trainer(workers, method, policy_options={"lr": 0.05, "momentum": 0.0}, log=logs.append)
+    summary = trainer.run(max_updates=40, max_time=RUN_LIMIT)
+    assert summary["updates"] == 40  # a synchronous barrier stops waiting for the dead worker
+    crashed = summary["per_worker"][1]
+    assert crashed["status"] == "dead" and "injected fault" in crashed["error"]
+    assert crashed["pushed"] == 3
+    assert [f["worker"] for f in summary["faults"]] == [1]
+    assert any("worker 1 dead" in line for line in logs)
+    assert [w["status"] for w in summary["per_worker"]] == ["stopped", "dead", "stopped"]
+    check_accounting(summary)
+
+
+def test_hung_worker_is_dropped_after_timeout():
+    workers = [LocalWorker(batch_size=4, compute_time=0.01), LocalWorker(batch_size=4, compute_time=0.01, fault=Fault("hang", 2))]
+    trainer = linear_trainer(workers, "sync", hang_timeout=0.5)
+    summary = trainer.run(max_updates=30, max_time=RUN_LIMIT)
+    assert summary["updates"] == 30
+    hung = summary["per_worker"][1]
+    assert hung["status"] == "dropped" and "heartbeat" in hung["error"]
+    check_accounting(summary)
+
+
+def test_all_workers_lost_stops_the_run():
+    workers = [LocalWorker(batch_size=4, fault=Fault("raise", 0)) for _ in range(2)]
+    summary = linear_trainer(workers).run(max_time=RUN_LIMIT)
+    assert summary["stop_reason"] == "all workers lost"
+    assert summary["updates"] == 0
+
+
+def test_checkpoint_resume_continues_the_run(tmp_path):
+    path = tmp_path / "ck.pt"
+    workers = lambda: [LocalWorker(batch_size=4, compute_time=t) for t in (0.005, 0.01)]  # noqa: E731
+    options = {"lr": 0.05, "momentum": 0.9, "threshold": 3}
+    first = linear_trainer(workers(), "ringmaster", policy_options=options, checkpoint_path=path, checkpoint_every=10)
+    s1 = first.run(max_updates=25, max_time=RUN_LIMIT)
+    assert os.listdir(tmp_path) == ["ck.pt"]  # written atomically: no temporary left behind
+    second = linear_trainer(workers(), "ringmaster", policy_options=options, checkpoint_path=path)
+    second.load_checkpoint(path)
+    assert second.version == first.version == s1["version"]
+    assert torch.equal(second.master, first.master)
+    saved, loaded = first.policy.state_dict(), second.policy.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(saved["momentum_buffers"], loaded["momentum_buffers"]))
+    assert saved["counters"] == loaded["counters"]
+    assert [b.generator.get_state().tolist() for b in first.workers] == [b.generator.get_state().tolist() for b in second.workers]
+    s2 = second.run(max_updates=50, max_time=RUN_LIMIT)
+    assert s2["version"] == 50 and s2["updates"] == 50 - s1["version"]
+    assert second.curve[: len(first.curve)] == first.curve  # the history continues
+    times = [t for t, _, _ in second.curve]
+    assert times == sorted(times) and len(times) > len(first.curve)
+    assert s2["totals_including_resumed"]["accepted"] == s1["totals"]["accepted"] + s2["totals"]["accepted"]
+    assert s2["final_loss"] < s1["initial_loss"]
+    with pytest.raises(ValueError, match="path"):
+        linear_trainer(workers(), "sync").load_checkpoint(path)
+
+
+def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    trainer = linear_trainer([LocalWorker(batch_size=4, compute_time=0.01) for _ in range(2)], checkpoint_path=path)
+    timer = threading.Timer(1.0, _thread.interrupt_main)  # Ctrl-C, delivered to the main thread
+    timer.start()
+    try:
+        summary = trainer.run(max_time=RUN_LIMIT)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped AsyncTrainer.run")
+    finally:
+        timer.cancel()
+    assert summary["stop_reason"] == "interrupted"
+    assert summary["updates"] > 0
+    assert torch.load(path, weights_only=False)["policy"]["counters"]["version"] == summary["version"]
+    check_accounting(summary)
+
+
+class ScriptedWorker:
+    """Delivers gradients in a given global order: its k-th arrival waits until the
+    runtime has fully handled exactly ``turns[k]`` records and every other worker is
+    computing a live (not cancelled) job, which is the simulator's model of time."""
+
+    def __init__(self, turns: list[int], total: int, peers: list, grad_value: float):
+        self.turns, self.total, self.peers, self.grad_value = turns, total, peers, grad_value
+        self.device = torch.device("cpu")
+        self.current: Job | None = None
+        self.done = 0
+
+    def bind(self, trainer, worker):
+        self.trainer, self.worker = trainer, worker
+
+    def setup(self):
+        self.grad = torch.full((self.trainer.layout.numel,), self.grad_value)
+
+    def settled(self) -> bool:
+        return all(p is self or (p.current is not None and not p.current.cancelled()) for p in self.peers)
+
+    def compute(self, job):
+        self.current = job
+        try:
+            while not job.cancelled():
+                job.beat()
+                handled = len(self.trainer.trace)
+                if handled == self.total:
+                    self.trainer.request_stop("script done")
+                elif self.done < len(self.turns) and handled == self.turns[self.done] and self.settled():
+                    self.done += 1
+                    return self.grad, 0.0
+                threading.Event().wait(0.001)
+            return None
+        finally:
+            self.current = None
+
+    def close(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize("method,options", [
+    ("ringmaster", {"threshold": 2}),
+    ("rennala", {"batch": 3}),
+    ("delay_adaptive", {}),
+])
+def test_runtime_and_simulator_make_the_same_decisions(method, options):
+    from ringmaster_kernels.runtime.objectives import LeastSquares
+    from ringmaster_kernels.runtime.simulator import simulate
+    from ringmaster_kernels.runtime.time_models import TimeModel
+
+    n = 3
+    objective = LeastSquares.random(rows=16, dim=8, seed=0)
+    sim_policy = make_policy(method, objective.initial_params(), num_workers=n, lr=0.01, momentum=0.0, norm="l2", **options)
+    trace = simulate(sim_policy, objective, TimeModel(base=np.array([1.0, 2.3, 5.1]), scale=0.0), horizon=30.0, seed=0)
+    assert len(trace.worker) > 20 and (not trace.accepted.all() or trace.cancelled.any() or method == "delay_adaptive")
+    turns = [[k for k, w in enumerate(trace.worker.tolist()) if w == i] for i in range(n)]
+    peers: list = []
+    peers.extend(ScriptedWorker(turns[i], len(trace.worker), peers, grad_value=0.1 * (i + 1)) for i in range(n))
+    trainer = AsyncTrainer(LinearTask(), peers, method, {"lr": 0.01, "momentum": 0.0, **options})
+    summary = trainer.run(max_time=RUN_LIMIT)
+    assert summary["stop_reason"] == "script done" and not summary["faults"]
+    got = np.array(trainer.trace)
+    assert len(got) == len(trace.worker), summary["stop_reason"]
+    np.testing.assert_array_equal(got[:, 0], trace.worker)
+    np.testing.assert_array_equal(got[:, 2], trace.delay)
+    np.testing.assert_array_equal(got[:, 3].astype(bool), trace.accepted)
+    np.testing.assert_array_equal(got[:, 4], trace.version)
+    assert summary["totals"]["cancelled"] == int(trace.cancelled.sum())
+
+
+def test_bad_arguments_raise_naming_them():
+    task = LinearTask()
+    with pytest.raises(ValueError, match="workers"):
+        AsyncTrainer(task, [], "async", {"lr": 0.1})
+    with pytest.raises(ValueError, match="method"):
+        AsyncTrainer(task, [LocalWorker()], "nope", {"lr": 0.1})
+    with pytest.raises(ValueError, match="hang_timeout"):
+        AsyncTrainer(task, [LocalWorker()], "async", {"lr": 0.1}, hang_timeout=-1)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        AsyncTrainer(task, [LocalWorker()], "async", {"lr": 0.1}, checkpoint_every=5)
+    with pytest.raises(ValueError, match="num_slots"):
+        AsyncTrainer(task, [LocalWorker(), LocalWorker()], "async", {"lr": 0.1}, num_slots=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        LocalWorker(batch_size=0)
+    with pytest.raises(ValueError, match="compute_time"):
+        LocalWorker(compute_time=-1.0)
+    with pytest.raises(ValueError, match="slowdown"):
+        LocalWorker(slowdown=0.5)
+    with pytest.raises(ValueError, match="kill"):
+        LocalWorker(fault=Fault("kill", 0))
+    with pytest.raises(ValueError, match="WORKER:KIND@JOB"):
+        Fault.parse("2-raise")
+    with pytest.raises(ValueError, match="fault kind"):
+        Fault.parse("2:explode@1")
+    trainer = linear_trainer([LocalWorker()])
+    with pytest.raises(ValueError, match="max_updates or max_time"):
+        trainer.run()
+    with pytest.raises(ValueError, match="max_time"):
+        trainer.run(max_time=math.nan)
+
+
+def test_gpt_shapes_and_data_windows():
+    cfg = GPTConfig(d_model=16, n_layer=1, n_head=2, seq_len=8)
+    model = TinyGPT(cfg)
+    assert all(p.dim() == 2 for p in model.parameters())
+    data = ByteData(stdlib_corpus(10_000), seq_len=8)
+    x, y = data.sample(3, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    assert model(x).shape == (3, 8, 256)
+    val = data.validation(2, 2)
+    assert len(val) == 2 and torch.equal(val[0][0], data.validation(2, 2)[0][0])
+    with pytest.raises(ValueError, match="idx"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="d_model"):
+        GPTConfig(d_model=10, n_head=3)
+    with pytest.raises(ValueError, match="max_bytes"):
+        stdlib_corpus(0)
+    with pytest.raises(ValueError, match="too short"):
+        ByteData(stdlib_corpus(100), seq_len=64)
+
+
+def test_train_command_writes_table_json_and_plot(tmp_path, capsys):
+    from ringmaster_kernels.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--time", "2", "--out", str(out), "--workers", "2", "--d-model", "16", "--layers", "1",
+                 "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--corpus-bytes", "100000", "--tau", "0.01",
+                 "--eval-every", "100", "--log-every", "100"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ringmaster" in printed and "sync" in printed and "loss reached" in printed
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"ringmaster", "sync"}
+    for s in summary["methods"].values():
+        assert s["accounting_ok"] and s["updates"] > 0 and s["final_loss"] < s["initial_loss"]
+    assert (out / "loss_vs_time.png").stat().st_size > 1000
+    assert (out / "ringmaster" / "checkpoint.pt").exists()
+
+
+@pytest.mark.cuda
+def test_one_gpu_two_worker_threads_train():
+    cfg = GPTConfig(d_model=64, n_layer=2, n_head=4, seq_len=64)
+    task = GPTTask(cfg, ByteData(stdlib_corpus(1_000_000), cfg.seq_len))
+    workers = [LocalWorker("cuda:0", batch_size=16), LocalWorker("cuda:0", batch_size=16, slowdown=3.0)]
+    trainer = AsyncTrainer(task, workers, "ringmaster", {"lr": 0.05, "threshold": 4, "momentum": 0.9}, server_device="cuda:0")
+    summary = trainer.run(max_updates=200, max_time=RUN_LIMIT)
+    check_accounting(summary)
+    assert summary["final_loss"] < summary["initial_loss"] - 1.0
+    assert summary["per_worker"][0]["pushed"] > summary["per_worker"][1]["pushed"]
