@@ -31,7 +31,7 @@ direction for sign and l1. Other units are untouched, nothing raises.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -65,7 +65,7 @@ class Norm:
     unit: str
     mode: str
     factor: Callable[[int, int, str], float]
-    options: dict
+    options: dict = field(compare=False)  # left out of eq/hash, so a Norm can key a cache
 
     @property
     def min_dim(self) -> int:

@@ -21,8 +21,8 @@ Why addresses rather than concatenated flat buffers: parameters, gradients and s
 stay where the model and optimizer put them, so there is no gather/scatter copy
 (which would double the traffic of a memory-bound op). Both real CUDA and the
 ``TRITON_INTERPRET=1`` interpreter (which dereferences host addresses of CPU tensors)
-run it. The tile table depends on shapes only and is cached; the small address table
-is rebuilt each call (gradients may be new tensors every step).
+run it. The tile table and layout fields depend on shapes only and are cached; the small
+address table is rebuilt each call (gradients may be new tensors every step).
 
 Reductions: "rows" groups sum every row into its group ``row // RG`` (RG = 1 per row,
 RG = m per matrix for the Frobenius norm); "cols" sums a tile's rows per column, with
@@ -175,20 +175,10 @@ def _layout(shape: torch.Size, mode: str, unit_rows: int) -> tuple[int, int, int
     return R, C, R, 1, 0
 
 
-def _blocks(layouts: Sequence[tuple[int, ...]]) -> tuple[int, int]:
-    tile = _TILE_INTERPRET if interpreting() else _TILE
-    max_c = max(lay[1] for lay in layouts)
-    max_h = max(lay[2] for lay in layouts)
-    bc = min(triton.next_power_of_2(max_c), _MAX_BC)
-    br = max(1, min(tile // bc, triton.next_power_of_2(max_h)))
-    return br, bc
-
-
-@functools.lru_cache(maxsize=128)
-def _tile_table(shapes: tuple[tuple[int, int, int], ...], br: int, bc: int, device: torch.device) -> torch.Tensor:
+def _tile_table(layouts, br: int, bc: int) -> torch.Tensor:
     """int64 (n_tiles, 4): tensor index, first row, first column, end row (exclusive)."""
     parts = []
-    for t, (R, C, H) in enumerate(shapes):
+    for t, (R, C, H, _, _) in enumerate(layouts):
         if R == 0 or C == 0:
             continue
         units, rb, cb = R // H, -(-H // br), -(-C // bc)
@@ -196,27 +186,50 @@ def _tile_table(shapes: tuple[tuple[int, int, int], ...], br: int, bc: int, devi
         unit = k // (rb * cb)
         r0 = unit * H + (k // cb) % rb * br
         parts.append(torch.stack([torch.full_like(k, t), r0, k % cb * bc, (unit + 1) * H], dim=1))
-    table = torch.cat(parts) if parts else torch.zeros((0, 4), dtype=torch.int64)
-    return table.to(device)
+    return torch.cat(parts) if parts else torch.zeros((0, 4), dtype=torch.int64)
+
+
+class _Plan:
+    """Everything about a launch that depends on shapes only (cached: steps repeat shapes)."""
+
+    def __init__(self, spec, scale: str, shapes: tuple[torch.Size, ...], device: torch.device, tile: int, max_bc: int):
+        units = [spec.unit_shape(shape) for shape in shapes]
+        layouts = [_layout(shape, spec.mode, rows) for shape, (rows, _) in zip(shapes, units)]
+        max_c = max(lay[1] for lay in layouts)
+        max_h = max(lay[2] for lay in layouts)
+        self.bc = min(triton.next_power_of_2(max_c), max_bc)
+        self.br = max(1, min(tile // self.bc, triton.next_power_of_2(max_h)))
+        self.tiles = _tile_table(layouts, self.br, self.bc).to(device)
+        columns, sbase = [], 0
+        for R, C, H, RG, n_stats in layouts:
+            columns.append([C, H, RG, sbase])
+            sbase += n_stats
+        self.columns = torch.tensor(columns, dtype=torch.int64)  # table fields 4..7, on the host
+        self.ftab = torch.tensor([spec.factor(r, c, scale) for r, c in units], dtype=torch.float32).to(device)
+        self.n_stats = sbase
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(spec, scale: str, shapes: tuple[torch.Size, ...], device: torch.device, tile: int, max_bc: int) -> _Plan:
+    return _Plan(spec, scale, shapes, device, tile, max_bc)
 
 
 class _Launch:
-    """Tables for one multi-tensor launch: tensors sharing device and dtypes."""
+    """The tables of one multi-tensor launch over tensors sharing device and dtypes."""
 
-    def __init__(self, xs, gs, ms, us, layouts, factors, device):
+    def __init__(self, spec, scale, xs, gs, ms, us):
+        device = xs[0].device
         if device.type != "cpu" and interpreting():
             # the interpreter would dereference device addresses on the host
             raise ValueError("TRITON_INTERPRET=1 runs these kernels on CPU tensors only; unset it for CUDA tensors")
         self.device = device
-        self.br, self.bc = _blocks(layouts)
-        self.tiles = _tile_table(tuple(lay[:3] for lay in layouts), self.br, self.bc, device)
-        rows, sbase = [], 0
-        for x, g, m, u, (R, C, H, RG, n_stats) in zip(xs, gs, ms, us, layouts):
-            rows.append([_addr(x), _addr(g), _addr(m), _addr(u), C, H, RG, sbase])
-            sbase += n_stats
-        self.itab = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-        self.ftab = torch.tensor(factors, dtype=torch.float32).to(device, non_blocking=True)
-        self.stats = torch.zeros(max(sbase, 1), dtype=torch.float32, device=device)
+        tile = _TILE_INTERPRET if interpreting() else _TILE
+        plan = _plan(spec, scale, tuple(x.shape for x in xs), device, tile, _MAX_BC)
+        self.br, self.bc, self.tiles, self.ftab = plan.br, plan.bc, plan.tiles, plan.ftab
+        addresses = torch.tensor([[_addr(x), _addr(g), _addr(m), _addr(u)] for x, g, m, u in zip(xs, gs, ms, us)],
+                                 dtype=torch.int64)
+        self.itab = torch.cat([addresses, plan.columns], dim=1).to(device, non_blocking=True)
+        self.stats = torch.zeros(max(plan.n_stats, 1), dtype=torch.float32, device=device)
         # typed placeholders: kernels take pointer types from these
         self.x0, self.g0 = xs[0], gs[0]
         self.m0 = ms[0] if ms[0] is not None else self.stats
@@ -261,9 +274,7 @@ def lmo(G: torch.Tensor, spec, radius: float, out: torch.Tensor | None = None) -
         out = torch.empty_like(G)
     if G.numel() == 0:
         return out
-    rows, cols = spec.unit_shape(G.shape)
-    layout = _layout(G.shape, spec.mode, rows)
-    launch = _Launch([out], [G], [None], [None], [layout], [spec.factor(rows, cols, "none")], G.device)
+    launch = _Launch(spec, "none", [out], [G], [None], [None])
     reduce = _REDUCE[spec.mode]
     launch.stats_pass(reduce, momentum=False, nesterov=False, beta=0.0, write_u=False)
     launch.update_pass(reduce, SRC_G, nesterov=False, beta=0.0, coef=-radius, decay=0.0,
@@ -302,9 +313,6 @@ def lmo_step_(
         xs = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
         ms = [momenta[i] for i in idx]
-        units = [spec.unit_shape(x.shape) for x in xs]
-        layouts = [_layout(x.shape, spec.mode, r) for x, (r, _) in zip(xs, units)]
-        factors = [spec.factor(r, c, scale) for r, c in units]
         us: list[torch.Tensor | None] = [None] * len(xs)
         buffers = []
         if spec.mode == "direction":
@@ -316,7 +324,7 @@ def lmo_step_(
                 buffers.append(buf)
                 for slot, j in enumerate(js):
                     us[j] = buf[slot]
-        launch = _Launch(xs, gs, ms, us, layouts, factors, xs[0].device)
+        launch = _Launch(spec, scale, xs, gs, ms, us)
         if spec.mode == "sign":
             source = SRC_MOMENTUM
         else:
