@@ -9,7 +9,7 @@ twin elsewhere), the eager twin (``backend="torch"``) and, where torch has the p
 * ``many-small``: 512 small matrices of 28 shapes (launch overhead dominates);
 * ``large``: one square matrix (bandwidth dominates); also times ``norms.lmo`` alone.
 
-Achieved GB/s counts the bytes a step must move: read g, m, x and write m, x (m is
+GB/s and ratios use median times (min also reported). Achieved GB/s counts the bytes a step must move: read g, m, x and write m, x (m is
 fp32); for ``norms.lmo``: read G, write the result. The device copy bandwidth
 (``dst.copy_(src)``, fp32, >= 256 MiB) is the yardstick for the >= 80% target.
 """
@@ -75,11 +75,12 @@ def _step_bytes(shapes, x_size: int) -> int:
 def _table(result: dict) -> str:
     lines = [f"machine: {result['machine']}", f"config: {result['config']}",
              f"copy bandwidth: {result['copy_GBps']:.1f} GB/s"]
-    lines.append(f"{'case':>10} {'op':>5} {'norm':>9} {'impl':>14} {'ms':>10} {'GB/s':>8} {'vs twin':>8} {'of copy':>8}")
+    lines.append(f"{'case':>10} {'op':>5} {'norm':>9} {'impl':>14} {'median ms':>10} {'min ms':>9} {'GB/s':>8} "
+                 f"{'vs twin':>8} {'of copy':>8}")
     for r in result["results"]:
-        ratio = f"{r['speedup_vs_twin']:8.2f}" if r["speedup_vs_twin"] is not None else f"{'-':>8}"
+        ratio = f"{r['speedup_vs_twin']:8.2f}"
         lines.append(f"{r['case']:>10} {r['op']:>5} {r['norm']:>9} {r['impl']:>14} {r['median_s'] * 1e3:10.3f} "
-                     f"{r['GBps']:8.2f} {ratio} {r['fraction_of_copy']:8.2f}")
+                     f"{r['min_s'] * 1e3:9.3f} {r['GBps']:8.2f} {ratio} {r['fraction_of_copy']:8.2f}")
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
 
@@ -117,11 +118,13 @@ def run(args: argparse.Namespace) -> int:
     case_shapes = {"nanochat": all_shapes, "many-small": many_small_shapes(), "large": [(large, large)]}
     results = []
 
-    def record(case, op, norm, impl, seconds, nbytes, twin_s):
+    def record(case, op, norm, impl, timed, nbytes, twin):
+        seconds = timed["median_s"]
         gbps = nbytes / seconds / 1e9
-        results.append({"case": case, "op": op, "norm": norm, "impl": impl, "median_s": seconds, "GBps": gbps,
-                        "speedup_vs_twin": twin_s / seconds if twin_s is not None else None,
+        results.append({"case": case, "op": op, "norm": norm, "impl": impl, "median_s": seconds,
+                        "min_s": timed["min_s"], "GBps": gbps, "speedup_vs_twin": twin["median_s"] / seconds,
                         "fraction_of_copy": gbps / copy_gbps})
+        return timed
 
     for case in args.cases:
         for norm in args.norms:
@@ -134,23 +137,23 @@ def run(args: argparse.Namespace) -> int:
             ms = [torch.zeros(s, device=device) for s in shapes]
             hyper = dict(norm=norm, lr=0.01, beta=0.95, nesterov=args.nesterov, weight_decay=0.1, radius=1.0)
             nbytes = _step_bytes(shapes, xs[0].element_size())
-            twin_s = time_fn(lambda: ops.lmo_step_(xs, gs, ms, backend="torch", **hyper), **timing)["median_s"]
-            record(case, "step", norm, "twin(eager)", twin_s, nbytes, twin_s)
+            twin = time_fn(lambda: ops.lmo_step_(xs, gs, ms, backend="torch", **hyper), **timing)
+            record(case, "step", norm, "twin(eager)", twin, nbytes, twin)
             if on_cuda:
-                ours_s = time_fn(lambda: ops.lmo_step_(xs, gs, ms, backend="auto", **hyper), **timing)["median_s"]
-                record(case, "step", norm, ours, ours_s, nbytes, twin_s)
+                timed = time_fn(lambda: ops.lmo_step_(xs, gs, ms, backend="auto", **hyper), **timing)
+                record(case, "step", norm, ours, timed, nbytes, twin)
             if norm in FOREACH and dtype == torch.float32:
-                fe_s = time_fn(lambda: _foreach_step(xs, gs, ms, **hyper), **timing)["median_s"]
-                record(case, "step", norm, "torch._foreach", fe_s, nbytes, twin_s)
+                timed = time_fn(lambda: _foreach_step(xs, gs, ms, **hyper), **timing)
+                record(case, "step", norm, "torch._foreach", timed, nbytes, twin)
             if case == "large" and norm != "spectral":
                 G = gs[0]
                 lmo_bytes = 2 * G.numel() * G.element_size()
-                twin_s = time_fn(lambda: norms.lmo(G, norm, backend="torch"), **timing)["median_s"]
-                record(case, "lmo", norm, "twin(eager)", twin_s, lmo_bytes, twin_s)
+                twin = time_fn(lambda: norms.lmo(G, norm, backend="torch"), **timing)
+                record(case, "lmo", norm, "twin(eager)", twin, lmo_bytes, twin)
                 if on_cuda:
                     out = torch.empty_like(G)
-                    ours_s = time_fn(lambda: norms.lmo(G, norm, out=out, backend="auto"), **timing)["median_s"]
-                    record(case, "lmo", norm, ours, ours_s, lmo_bytes, twin_s)
+                    timed = time_fn(lambda: norms.lmo(G, norm, out=out, backend="auto"), **timing)
+                    record(case, "lmo", norm, ours, timed, lmo_bytes, twin)
             del xs, gs, ms
     if dtype != torch.float32:
         notes.append("torch._foreach baseline only timed for float32 params (its ops need one dtype)")
