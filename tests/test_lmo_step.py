@@ -1,6 +1,8 @@
 """The fused momentum -> LMO -> update step: twin vs float64, kernels vs twin, edge cases."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ringmaster_kernels import norms, ops, reference
 from ringmaster_kernels.kernels import lmo as lmo_kernels
@@ -77,6 +79,29 @@ def test_kernel_matches_twin_on_mixed_list(name, nesterov, tiles, kernel_device)
         torch.testing.assert_close(m, m_ref, rtol=1e-6, atol=1e-6)
         tol = _x_tol(name, kernel_device)
         torch.testing.assert_close(x, x_ref, rtol=tol, atol=tol)
+
+
+_ELEMENTWISE = [n for n in norms.KNOWN if norms.get(n).mode != "direction"]
+_shape = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
+
+
+@settings(max_examples=12, deadline=None)
+@given(name=st.sampled_from(_ELEMENTWISE), shapes=st.lists(_shape, min_size=1, max_size=4),
+       tile=st.sampled_from([16, 64, 4096]), nesterov=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kernel_matches_twin_on_random_lists(name, shapes, tile, nesterov, seed):
+    """Random shapes and tile sizes: ragged tiles, units split across tiles, both atomics paths."""
+    shapes = [s if len(s) >= norms.get(name).min_dim else s + (3,) for s in shapes]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    xs, gs, ms = _state(shapes, device, seed=seed % 1000)
+    xr, mr = _clone(xs), _clone(ms)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lmo_kernels, "_TILE_INTERPRET", tile)
+        patch.setattr(lmo_kernels, "_TILE", tile)
+        ops.lmo_step_(xs, gs, ms, norm=name, nesterov=nesterov, backend="triton", **HYPER)
+    ops.lmo_step_(xr, gs, mr, norm=name, nesterov=nesterov, backend="torch", **HYPER)
+    for x, m, x_ref, m_ref in zip(xs, ms, xr, mr):
+        torch.testing.assert_close(m, m_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x, x_ref, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", norms.KNOWN)
