@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contestant")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids OpenMP spin-waits on a loaded machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -116,12 +118,17 @@ def run(args: argparse.Namespace) -> int:
 
     from ._timing import emit, machine_info
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available")
     dtype = getattr(torch, args.dtype)
     models = args.model or (["d12", "d20"] if torch.device(device).type == "cuda" else ["small"])
-    result = {"machine": machine_info(), "device": device, "dtype": args.dtype, "hyper": HYPER, "models": {}}
+    result = {"machine": machine_info(), "device": device, "dtype": args.dtype, "hyper": HYPER,
+              "threads": torch.get_num_threads(), "models": {}}
     for model in models:
         shapes = hidden_shapes(*MODELS[model])
         times = {
