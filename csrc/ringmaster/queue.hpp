@@ -1,0 +1,583 @@
+// Versioned gradient queue: a bounded multi-producer multi-consumer ring of small
+// records (slot, worker, version), a second ring of free slot indices, and an
+// atomic model-version counter. Header-only, C++17, no Python or torch dependency.
+//
+// Rings follow the ticket/sequence-number design (Vyukov bounded MPMC): every cell
+// carries a sequence number that tells producers and consumers whose turn it is, so
+// the fast path of a push or a pop is one CAS on the shared position plus one store
+// to the cell. Cells and positions sit on their own cache lines.
+//
+// Blocking calls spin briefly, then sleep on a condition variable. Sleepers
+// announce themselves in an atomic counter; the hot path only pays a load of that
+// counter (plus a sequentially-consistent publish) and touches the mutex only when
+// somebody is actually asleep.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <algorithm>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace ringmaster {
+
+inline constexpr std::size_t kCacheLine = 64;
+
+// One gradient announcement: the gradient itself lives in slot `slot` of a pool
+// owned by the consumer; `version` is the model version the worker computed it at.
+struct Record {
+  std::uint32_t slot;
+  std::uint32_t worker;
+  std::uint64_t version;
+};
+
+// Thrown by producers after close(), and by consumers once a closed queue is empty.
+class QueueClosed : public std::runtime_error {
+ public:
+  QueueClosed() : std::runtime_error("gradient queue is closed") {}
+};
+
+// Bad argument; the message starts with the argument's name. (Maps to ValueError.)
+class InvalidArgument : public std::invalid_argument {
+ public:
+  InvalidArgument(const std::string& argument, const std::string& problem)
+      : std::invalid_argument(argument + ": " + problem) {}
+};
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+using Clock = std::chrono::steady_clock;
+
+// When a blocking call gives up. `never()` waits forever, `now()` tries once
+// (without reading the clock: that read would cost as much as the attempt).
+class Deadline {
+ public:
+  static Deadline never() noexcept { return Deadline(Clock::time_point::max()); }
+  static Deadline now() noexcept { return Deadline(Clock::time_point::min()); }
+  static Deadline after(double seconds) {
+    if (!(seconds >= 0.0)) throw InvalidArgument("timeout", "must be a number >= 0");
+    // Beyond ~100 years the arithmetic would overflow; treat it as forever.
+    if (seconds > 3.0e9) return never();
+    return Deadline(Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                       std::chrono::duration<double>(seconds)));
+  }
+  bool forever() const noexcept { return at_ == Clock::time_point::max(); }
+  bool expired() const noexcept {
+    return at_ == Clock::time_point::min() || (!forever() && Clock::now() >= at_);
+  }
+  Clock::time_point at() const noexcept { return at_; }
+  Deadline earliest(Deadline other) const noexcept { return at_ <= other.at_ ? *this : other; }
+
+ private:
+  explicit Deadline(Clock::time_point at) noexcept : at_(at) {}
+  Clock::time_point at_;
+};
+
+// Event count with wake-one. A sleeper registers (prepare_wait) before its last
+// check of the condition and sleeps only if that check fails. A notifier that
+// publishes its change with a seq_cst store (or a release store and a seq_cst
+// fence) and then reads `waiters_` with a seq_cst load cannot miss a sleeper that
+// registered (seq_cst) before re-checking: the store/load (Dekker) pairing under
+// the single total order of seq_cst.
+//
+// notify(n) turns up to n registrations into signals and wakes that many sleepers,
+// so one freed slot wakes one producer instead of all of them. Every thread leaving
+// (woken, timed out or satisfied before sleeping) takes a signal if there is one,
+// else its registration: waiters_ + signals_ always equals the threads between
+// prepare_wait and leaving, so no signal is stranded and none is lost.
+class Waiter {
+ public:
+  void prepare_wait() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    waiters_.fetch_add(1, std::memory_order_seq_cst);
+  }
+  void cancel_wait() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    leave();
+  }
+  // Sleeps until signalled or the deadline; the caller re-checks its condition.
+  void wait(Deadline deadline) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (deadline.forever()) {
+      cv_.wait(lock, [&] { return signals_ > 0; });
+    } else {
+      cv_.wait_until(lock, deadline.at(), [&] { return signals_ > 0; });
+    }
+    leave();
+  }
+  void notify(std::uint64_t n) {
+    if (waiters_.load(std::memory_order_seq_cst) == 0) return;
+    std::uint64_t woken;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      woken = std::min<std::uint64_t>(n, waiters_.load(std::memory_order_relaxed));
+      waiters_.fetch_sub(woken, std::memory_order_relaxed);
+      signals_ += woken;
+    }
+    if (woken == 1) {
+      cv_.notify_one();
+    } else if (woken > 1) {
+      cv_.notify_all();
+    }
+  }
+  void notify_all() { notify(std::numeric_limits<std::uint64_t>::max()); }
+
+ private:
+  void leave() {  // under mutex_
+    if (signals_ > 0) {
+      --signals_;
+    } else {
+      waiters_.fetch_sub(1, std::memory_order_relaxed);
+    }
+  }
+
+  alignas(kCacheLine) std::atomic<std::uint64_t> waiters_{0};
+  alignas(kCacheLine) std::mutex mutex_;
+  std::condition_variable cv_;
+  std::uint64_t signals_ = 0;
+};
+
+// Before a blocking call sleeps it spins briefly (catches a partner a few hundred
+// nanoseconds behind), then yields the CPU a few times: with more threads than
+// cores the partner may be waiting for this very core, and a yield hands it over
+// without the system calls of a sleep and a wake-up.
+inline constexpr int kSpinIterations = 64;
+inline constexpr int kYieldIterations = 16;
+
+// Runs `attempt` (returns true when done; may throw) until it succeeds or the
+// deadline passes: once, then a short spin, a few yields, then sleeps on
+// `waiter` between tries.
+template <class Attempt>
+bool wait_for(Waiter& waiter, Deadline deadline, Attempt&& attempt) {
+  if (attempt()) return true;
+  if (deadline.expired()) return false;
+  for (int i = 0; i < kSpinIterations; ++i) {
+    cpu_relax();
+    if (attempt()) return true;
+  }
+  for (int i = 0; i < kYieldIterations; ++i) {
+    std::this_thread::yield();
+    if (attempt()) return true;
+    if (deadline.expired()) return false;
+  }
+  for (;;) {
+    if (deadline.expired()) return false;
+    waiter.prepare_wait();
+    bool done;
+    try {
+      done = attempt();
+    } catch (...) {
+      waiter.cancel_wait();
+      throw;
+    }
+    if (done) {
+      waiter.cancel_wait();
+      return true;
+    }
+    waiter.wait(deadline);
+  }
+}
+
+inline bool is_power_of_two(std::uint64_t x) noexcept { return x != 0 && (x & (x - 1)) == 0; }
+
+// Bounded MPMC ring (Vyukov). The top bit of the enqueue position is the "closed"
+// flag, so closing and claiming a position are ordered by the same atomic word:
+// after close() no push can succeed, and a consumer that finds the ring empty with
+// head == tail knows that nothing is in flight.
+template <class T>
+class Ring {
+ public:
+  enum class Status { kOk, kEmpty, kFull, kClosed };
+
+  explicit Ring(std::uint64_t capacity) : mask_(checked(capacity) - 1), cells_(new Cell[capacity]) {
+    for (std::uint64_t i = 0; i < capacity; ++i) cells_[i].seq.store(i, std::memory_order_relaxed);
+  }
+
+  std::uint64_t capacity() const noexcept { return mask_ + 1; }
+
+  Status try_push(const T& value) noexcept {
+    // seq_cst loads pair with Waiter (see there); they cost nothing extra on x86.
+    std::uint64_t pos = tail_.load(std::memory_order_seq_cst);
+    for (;;) {
+      if (pos & kClosedBit) return Status::kClosed;
+      Cell& cell = cells_[pos & mask_];
+      const std::uint64_t seq = cell.seq.load(std::memory_order_seq_cst);
+      const auto dif = static_cast<std::int64_t>(seq - pos);
+      if (dif == 0) {
+        if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
+          cell.value = value;
+          // seq_cst, not release: pairs with Waiter (see there).
+          cell.seq.store(pos + 1, std::memory_order_seq_cst);
+          return Status::kOk;
+        }
+      } else if (dif < 0) {
+        // The cell still holds the value from one lap ago: full. Re-read the tail
+        // so that a close() racing with a full ring is reported as closed.
+        const std::uint64_t now = tail_.load(std::memory_order_seq_cst);
+        if (now == pos) return Status::kFull;
+        pos = now;
+      } else {
+        pos = tail_.load(std::memory_order_seq_cst);
+      }
+    }
+  }
+
+  // Takes up to max_n (>= 1) consecutive published values with a single CAS on the
+  // head, so a batched drain pays one contended RMW per batch, not per value.
+  // `taken` is how many were written to `out`.
+  Status try_pop(T* out, std::size_t max_n, std::size_t& taken) noexcept {
+    taken = 0;
+    std::uint64_t pos = head_.load(std::memory_order_relaxed);
+    for (;;) {
+      // seq_cst loads pair with Waiter (see there); they cost nothing extra on x86.
+      const std::uint64_t seq = cells_[pos & mask_].seq.load(std::memory_order_seq_cst);
+      const auto dif = static_cast<std::int64_t>(seq - (pos + 1));
+      if (dif == 0) {
+        // A lap later the cell would read pos + capacity + 1, never pos + k + 1,
+        // so the scan stops within one lap.
+        std::size_t ready = 1;
+        while (ready < max_n &&
+               cells_[(pos + ready) & mask_].seq.load(std::memory_order_seq_cst) == pos + ready + 1) {
+          ++ready;
+        }
+        if (head_.compare_exchange_weak(pos, pos + ready, std::memory_order_relaxed)) {
+          for (std::size_t i = 0; i < ready; ++i) {
+            Cell& cell = cells_[(pos + i) & mask_];
+            out[i] = cell.value;
+            cell.seq.store(pos + i + mask_ + 1, std::memory_order_release);
+          }
+          // Orders the stores above before the caller's check for producers asleep
+          // on a full ring (Waiter's store/load pairing, one fence per batch).
+          std::atomic_thread_fence(std::memory_order_seq_cst);
+          taken = ready;
+          return Status::kOk;
+        }
+      } else if (dif < 0) {
+        // Nothing published at `pos`. Closed-and-drained only if no producer has
+        // claimed `pos` either; otherwise a record is on its way.
+        const std::uint64_t tail = tail_.load(std::memory_order_seq_cst);
+        if ((tail & kClosedBit) && (tail & ~kClosedBit) == pos) return Status::kClosed;
+        const std::uint64_t now = head_.load(std::memory_order_relaxed);
+        if (now == pos) return Status::kEmpty;
+        pos = now;
+      } else {
+        pos = head_.load(std::memory_order_relaxed);
+      }
+    }
+  }
+
+  bool try_pop(T& out) noexcept {
+    std::size_t taken = 0;
+    return try_pop(&out, 1, taken) == Status::kOk;
+  }
+
+  void close() noexcept { tail_.fetch_or(kClosedBit, std::memory_order_seq_cst); }
+  bool closed() const noexcept { return tail_.load(std::memory_order_seq_cst) & kClosedBit; }
+
+  // Records claimed by producers and not yet claimed by consumers (a snapshot).
+  std::uint64_t size() const noexcept {
+    const std::uint64_t head = head_.load(std::memory_order_acquire);
+    const std::uint64_t tail = tail_.load(std::memory_order_acquire) & ~kClosedBit;
+    return tail > head ? tail - head : 0;
+  }
+
+ private:
+  static constexpr std::uint64_t kClosedBit = std::uint64_t{1} << 63;
+  static std::uint64_t checked(std::uint64_t capacity) {
+    if (!is_power_of_two(capacity) || capacity > (std::uint64_t{1} << 40)) {
+      throw InvalidArgument("capacity", "must be a power of two in [1, 2**40], got " +
+                                            std::to_string(capacity));
+    }
+    return capacity;
+  }
+  struct alignas(kCacheLine) Cell {
+    std::atomic<std::uint64_t> seq;
+    T value;
+  };
+  const std::uint64_t mask_;
+  std::unique_ptr<Cell[]> cells_;
+  alignas(kCacheLine) std::atomic<std::uint64_t> tail_{0};
+  // alignas also rounds sizeof(Ring) up, so the next member starts on a fresh line.
+  alignas(kCacheLine) std::atomic<std::uint64_t> head_{0};
+};
+
+struct WorkerStats {
+  std::uint64_t pushed = 0;
+  std::uint64_t popped = 0;
+  std::uint64_t discarded = 0;
+};
+
+struct QueueStats {
+  std::uint64_t pushed = 0;     // records accepted by push/try_push
+  std::uint64_t popped = 0;     // records handed to a consumer
+  std::uint64_t discarded = 0;  // stale records recycled by pop_fresh
+  std::vector<WorkerStats> per_worker;
+};
+
+// The gradient queue. Workers: acquire_slot -> fill the slot -> push(record).
+// Server: pop / pop_fresh / pop_many -> read the slot -> release_slot.
+//
+// Invariant when quiescent: pushed == popped + discarded + size().
+class GradientQueue {
+ public:
+  GradientQueue(std::uint64_t capacity, std::uint64_t num_slots, std::uint64_t num_workers)
+      : records_(capacity),
+        free_(free_capacity(num_slots)),
+        num_slots_(static_cast<std::uint32_t>(num_slots)),
+        slot_state_(new std::atomic<std::uint8_t>[num_slots]),
+        num_workers_(checked_workers(num_workers)),
+        pushed_(new PaddedCounter[num_workers]),
+        consumed_(new ConsumerCounters[num_workers]) {
+    for (std::uint32_t s = 0; s < num_slots_; ++s) {
+      slot_state_[s].store(kFree, std::memory_order_relaxed);
+      free_.try_push(s);
+    }
+  }
+
+  GradientQueue(const GradientQueue&) = delete;
+  GradientQueue& operator=(const GradientQueue&) = delete;
+
+  std::uint64_t capacity() const noexcept { return records_.capacity(); }
+  std::uint32_t num_slots() const noexcept { return num_slots_; }
+  std::uint32_t num_workers() const noexcept { return num_workers_; }
+  std::uint64_t size() const noexcept { return records_.size(); }
+  std::uint64_t free_slots() const noexcept { return free_.size(); }
+
+  // ---- slot pool -------------------------------------------------------------
+
+  // A free slot, now owned by the caller; nullopt when none came before the deadline.
+  std::optional<std::uint32_t> acquire_slot(Deadline deadline) {
+    std::uint32_t slot = 0;
+    const bool got = wait_for(slots_waiter_, deadline, [&] {
+      if (closed()) throw QueueClosed();
+      return free_.try_pop(slot);
+    });
+    if (!got) return std::nullopt;
+    slot_state_[slot].store(kInUse, std::memory_order_relaxed);
+    return slot;
+  }
+
+  // Gives a slot back to the pool. Allowed after close(), so a draining server can
+  // recycle what it pops.
+  void release_slot(std::uint32_t slot) {
+    check_slot(slot);
+    std::uint8_t expected = kInUse;
+    if (!slot_state_[slot].compare_exchange_strong(expected, kFree, std::memory_order_acq_rel)) {
+      throw InvalidArgument("slot", "slot " + std::to_string(slot) +
+                                        " is already free (double release)");
+    }
+    // Each slot is in the free ring at most once and the ring holds num_slots, so
+    // "full" only means that an acquire_slot() one lap behind has claimed this cell
+    // and not yet handed it back; it will within a few instructions unless its
+    // thread was preempted, hence the yield.
+    for (int tries = 0; free_.try_push(slot) != Ring<std::uint32_t>::Status::kOk; ++tries) {
+      if (tries < kSpinIterations) {
+        cpu_relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    slots_waiter_.notify(1);
+  }
+
+  // ---- producers -------------------------------------------------------------
+
+  // Publishes a record. False when the ring stayed full until the deadline.
+  bool push(const Record& record, Deadline deadline) {
+    check_record(record);
+    const bool done = wait_for(space_waiter_, deadline, [&] {
+      switch (records_.try_push(record)) {
+        case Ring<Record>::Status::kOk:
+          return true;
+        case Ring<Record>::Status::kClosed:
+          throw QueueClosed();
+        default:
+          return false;
+      }
+    });
+    if (done) {
+      pushed_[record.worker].value.fetch_add(1, std::memory_order_relaxed);
+      records_waiter_.notify(1);
+    }
+    return done;
+  }
+
+  // ---- consumers -------------------------------------------------------------
+
+  // The next record; nullopt on timeout. Throws QueueClosed once closed and empty.
+  std::optional<Record> pop(Deadline deadline) {
+    Record record{};
+    if (!wait_for(records_waiter_, deadline, [&] { return take(&record, 1) > 0; })) return std::nullopt;
+    count_popped(&record, 1);
+    return record;
+  }
+
+  // The next record whose delay (version() - record.version) is below max_delay.
+  // Stale records on the way are released to the slot pool and counted as
+  // discarded. The deadline bounds the whole call.
+  std::optional<Record> pop_fresh(std::uint64_t max_delay, Deadline deadline) {
+    if (max_delay == 0) throw InvalidArgument("max_delay", "must be >= 1 (0 would discard every record)");
+    for (;;) {
+      Record record{};
+      if (!wait_for(records_waiter_, deadline, [&] { return take(&record, 1) > 0; })) return std::nullopt;
+      if (delay_of(record) < max_delay) {
+        count_popped(&record, 1);
+        return record;
+      }
+      consumed_[record.worker].discarded.fetch_add(1, std::memory_order_relaxed);
+      release_slot(record.slot);
+    }
+  }
+
+  // Waits (until the deadline) for one record and takes, in the same attempt, up
+  // to max_n that are ready. Returns how many were written to `out` (0: timeout).
+  // Throws QueueClosed once closed and empty.
+  std::size_t pop_many(Record* out, std::size_t max_n, Deadline deadline) {
+    if (max_n == 0) throw InvalidArgument("max_n", "must be >= 1");
+    std::size_t n = 0;
+    if (!wait_for(records_waiter_, deadline, [&] { return (n = take(out, max_n)) > 0; })) return 0;
+    count_popped(out, n);
+    return n;
+  }
+
+  // ---- model version ---------------------------------------------------------
+
+  std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
+  std::uint64_t bump_version() noexcept { return version_.fetch_add(1, std::memory_order_acq_rel) + 1; }
+  void set_version(std::uint64_t v) noexcept { version_.store(v, std::memory_order_release); }
+  // Records from the future (after set_version went backwards) count as delay 0.
+  std::uint64_t delay_of(const Record& record) const noexcept {
+    const std::uint64_t now = version();
+    return now > record.version ? now - record.version : 0;
+  }
+
+  // ---- shutdown and accounting ----------------------------------------------
+
+  void close() {
+    records_.close();
+    records_waiter_.notify_all();
+    space_waiter_.notify_all();
+    slots_waiter_.notify_all();
+  }
+  bool closed() const noexcept { return records_.closed(); }
+
+  // A snapshot; exact when no thread is pushing or popping.
+  QueueStats stats() const {
+    QueueStats s;
+    s.per_worker.resize(num_workers_);
+    for (std::uint32_t w = 0; w < num_workers_; ++w) {
+      WorkerStats& ws = s.per_worker[w];
+      ws.pushed = pushed_[w].value.load(std::memory_order_relaxed);
+      ws.popped = consumed_[w].popped.load(std::memory_order_relaxed);
+      ws.discarded = consumed_[w].discarded.load(std::memory_order_relaxed);
+      s.pushed += ws.pushed;
+      s.popped += ws.popped;
+      s.discarded += ws.discarded;
+    }
+    return s;
+  }
+
+ private:
+  static constexpr std::uint8_t kFree = 0;
+  static constexpr std::uint8_t kInUse = 1;
+  static constexpr std::uint64_t kMaxSlots = std::uint64_t{1} << 31;
+
+  struct alignas(kCacheLine) PaddedCounter {
+    std::atomic<std::uint64_t> value{0};
+  };
+  // Written by consumers only, so kept off the producers' lines.
+  struct alignas(kCacheLine) ConsumerCounters {
+    std::atomic<std::uint64_t> popped{0};
+    std::atomic<std::uint64_t> discarded{0};
+  };
+
+  static std::uint64_t free_capacity(std::uint64_t num_slots) {
+    if (num_slots == 0 || num_slots > kMaxSlots) {
+      throw InvalidArgument("num_slots", "must be in [1, 2**31], got " + std::to_string(num_slots));
+    }
+    std::uint64_t c = 1;
+    while (c < num_slots) c <<= 1;
+    return c;
+  }
+  static std::uint32_t checked_workers(std::uint64_t num_workers) {
+    if (num_workers == 0 || num_workers > (std::uint64_t{1} << 20)) {
+      throw InvalidArgument("num_workers", "must be in [1, 2**20], got " + std::to_string(num_workers));
+    }
+    return static_cast<std::uint32_t>(num_workers);
+  }
+  void check_slot(std::uint64_t slot) const {
+    if (slot >= num_slots_) {
+      throw InvalidArgument("slot", "must be in [0, " + std::to_string(num_slots_) + "), got " +
+                                        std::to_string(slot));
+    }
+  }
+  void check_record(const Record& record) const {
+    check_slot(record.slot);
+    if (record.worker >= num_workers_) {
+      throw InvalidArgument("worker", "must be in [0, " + std::to_string(num_workers_) + "), got " +
+                                          std::to_string(record.worker));
+    }
+    if (slot_state_[record.slot].load(std::memory_order_relaxed) != kInUse) {
+      throw InvalidArgument("slot", "slot " + std::to_string(record.slot) +
+                                        " is free: acquire it with acquire_slot() before pushing");
+    }
+  }
+
+  // One non-blocking attempt to take up to max_n records; wakes producers waiting
+  // for space. Returns how many were taken; throws QueueClosed once closed and empty.
+  std::size_t take(Record* out, std::size_t max_n) {
+    std::size_t n = 0;
+    switch (records_.try_pop(out, max_n, n)) {
+      case Ring<Record>::Status::kOk:
+        space_waiter_.notify(n);
+        return n;
+      case Ring<Record>::Status::kClosed:
+        throw QueueClosed();
+      default:
+        return 0;
+    }
+  }
+
+  // One counter update per run of records from the same worker.
+  void count_popped(const Record* records, std::size_t n) {
+    for (std::size_t i = 0; i < n;) {
+      std::size_t j = i + 1;
+      while (j < n && records[j].worker == records[i].worker) ++j;
+      consumed_[records[i].worker].popped.fetch_add(j - i, std::memory_order_relaxed);
+      i = j;
+    }
+  }
+
+  Ring<Record> records_;
+  Ring<std::uint32_t> free_;
+  const std::uint32_t num_slots_;
+  std::unique_ptr<std::atomic<std::uint8_t>[]> slot_state_;
+  const std::uint32_t num_workers_;
+  std::unique_ptr<PaddedCounter[]> pushed_;
+  std::unique_ptr<ConsumerCounters[]> consumed_;
+  alignas(kCacheLine) std::atomic<std::uint64_t> version_{0};
+  Waiter records_waiter_;  // consumers waiting for a record
+  Waiter space_waiter_;    // producers waiting for room in the ring
+  Waiter slots_waiter_;    // producers waiting for a free slot
+};
+
+}  // namespace ringmaster

@@ -1,0 +1,155 @@
+"""``ringmaster bench queue``: gradient-queue throughput and wake-up latency.
+
+All figures come from one run, with the Python baselines (``queue.SimpleQueue``,
+``queue.Queue``) measured in the same process, so ratios are comparable:
+
+- ``cpp_1p1c_records_per_s``, ``cpp_4p1c_records_per_s``: C++ threads, each record
+  a full worker/server cycle (acquire_slot, push, pop, release_slot), every record
+  checked for loss, duplication and order.
+- ``py_push_pop_pairs_per_s``: one Python thread, ``push`` then ``pop``.
+- ``py_slot_cycle_per_s``: one Python thread, acquire_slot, push, pop, release_slot.
+- ``py_pop_many_records_per_s``: records per second drained by ``pop_many(batch)``
+  from a full ring (the filling is not timed).
+- ``simplequeue_pairs_per_s``, ``queue_pairs_per_s``: ``put`` then ``get``.
+- ``wakeup_latency_us_median``: a C++ consumer asleep in ``pop``; push to wake.
+- ``py_wakeup_latency_us_median``: the same with a Python thread asleep in ``pop``.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--records", type=int, default=2_000_000, help="records per C++ run (split over producers)")
+    parser.add_argument("--pairs", type=int, default=200_000, help="operations per Python timing loop")
+    parser.add_argument("--batch", type=int, default=256, help="max_n of pop_many")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median reported)")
+    parser.add_argument("--wakeups", type=int, default=200, help="samples for the wake-up latency")
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import queue as stdlib_queue
+    import statistics
+    import threading
+    import time
+
+    from ringmaster_kernels.commands._timing import emit, machine_info, time_fn
+    from ringmaster_kernels.queue import GradientQueue, stress, wakeup_latencies_us
+
+    _positive(args, "records", "pairs", "batch", "repeats", "wakeups")
+    n, repeats = args.pairs, args.repeats
+
+    def rate(fn, count: int) -> float:
+        return count / time_fn(fn, warmup=1, repeats=repeats)["median_s"]
+
+    def cpp_rate(producers: int) -> float:
+        per_producer = max(1, args.records // producers)
+
+        def once() -> None:
+            result = stress(producers, per_producer, 1, 1024, 1024)
+            if not result["ok"]:
+                raise RuntimeError(f"queue stress run failed: {result}")
+
+        return rate(once, per_producer * producers)
+
+    q = GradientQueue(capacity=max(1024, 1 << (args.batch - 1).bit_length()), num_slots=1, num_workers=1)
+    slot = q.acquire_slot()
+
+    def push_pop() -> None:
+        push, pop = q.push, q.pop
+        for i in range(n):
+            push(slot, 0, i)
+            pop()
+
+    def slot_cycle() -> None:
+        push, pop, acquire, release = q.push, q.pop, q.acquire_slot, q.release_slot
+        q.release_slot(slot)
+        for i in range(n):
+            s = acquire()
+            push(s, 0, i)
+            release(pop().slot)
+        q.acquire_slot()  # the only slot, so this is `slot` again
+
+    rounds = max(1, n // q.capacity)
+
+    def fill() -> None:
+        try_push = q.try_push
+        for i in range(q.capacity):
+            try_push(slot, 0, i)
+
+    # pop_many: fill the ring (untimed), time the drain; repeat to cover ~n records.
+    drain_times = []
+    pop_many, batch = q.pop_many, args.batch
+    for _ in range(repeats):
+        total = 0.0
+        for _ in range(rounds):
+            fill()
+            t0 = time.perf_counter()
+            while len(q):
+                pop_many(batch, 0)
+            total += time.perf_counter() - t0
+        drain_times.append(total)
+    pop_many_rate = rounds * q.capacity / statistics.median(drain_times)
+
+    def stdlib_pairs(make) -> float:
+        sq = make()
+
+        def loop() -> None:
+            put, get = sq.put, sq.get
+            for i in range(n):
+                put((slot, 0, i))
+                get()
+
+        return rate(loop, n)
+
+    def py_wakeup_us() -> float:
+        wq = GradientQueue(capacity=2, num_slots=1, num_workers=1)
+        lat: list[float] = []
+
+        def consumer() -> None:
+            for _ in range(args.wakeups):
+                rec = wq.pop()
+                lat.append((time.perf_counter_ns() - rec.version) / 1e3)
+                wq.release_slot(rec.slot)
+
+        t = threading.Thread(target=consumer)
+        t.start()
+        for _ in range(args.wakeups):
+            s = wq.acquire_slot()
+            time.sleep(0.002)  # let the consumer get past its spin, into the sleep
+            wq.push(s, 0, time.perf_counter_ns())
+        t.join()
+        return statistics.median(lat)
+
+    result: dict = {"benchmark": "queue"}
+    result["cpp_1p1c_records_per_s"] = cpp_rate(1)
+    result["cpp_4p1c_records_per_s"] = cpp_rate(4)
+    result["py_push_pop_pairs_per_s"] = rate(push_pop, n)
+    result["py_slot_cycle_per_s"] = rate(slot_cycle, n)
+    result["py_pop_many_records_per_s"] = pop_many_rate
+    result["simplequeue_pairs_per_s"] = stdlib_pairs(stdlib_queue.SimpleQueue)
+    result["queue_pairs_per_s"] = stdlib_pairs(stdlib_queue.Queue)
+    result["wakeup_latency_us_median"] = statistics.median(wakeup_latencies_us(args.wakeups, 0.002))
+    result["py_wakeup_latency_us_median"] = py_wakeup_us()
+    # Ratios against the same-run baseline (targets: <= 2 and >= 3).
+    result["py_push_pop_time_vs_simplequeue"] = result["simplequeue_pairs_per_s"] / result["py_push_pop_pairs_per_s"]
+    result["py_pop_many_vs_simplequeue_pairs"] = result["py_pop_many_records_per_s"] / result["simplequeue_pairs_per_s"]
+    result["pop_many_batch"] = args.batch
+    result["repeats"] = repeats
+    result["loadavg_1min"] = os.getloadavg()[0]
+    result["cpus"] = os.cpu_count()
+    result.update(machine_info())
+
+    def table(r: dict) -> str:
+        return "\n".join(f"{k:36s} {v:,.3f}" if isinstance(v, float) else f"{k:36s} {v}" for k, v in r.items())
+
+    emit(result, args.json, table)
+    return 0
