@@ -440,20 +440,21 @@ def test_odd_layouts_noncontiguous_and_conv():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_matches_cpu(dtype):
+    """The Triton path (bf16 Newton–Schulz by default on CUDA) against the CPU twin (fp32)."""
     torch.manual_seed(0)
-    x0 = torch.randn(3, 64, 32)
+    x0 = torch.randn(3, 64, 32) * 0.05  # small weights, so bf16 rounds the update finely
     grads = [torch.randn(3, 64, 32) for _ in range(3)]
-    results = []
+    deltas = []
     for device in ("cpu", "cuda"):
         ps = [nn.Parameter(x.to(device, dtype)) for x in x0]
-        opt = Gluon(ps, lr=0.02, weight_decay=0.1)
+        opt = Gluon(ps, lr=0.02, weight_decay=0.1, norm_options={"scale": "muon"})
         for g in grads:
             for p, gi in zip(ps, g):
                 p.grad = gi.to(device, dtype)
             opt.step()
-        results.append(torch.stack([p.detach().float().cpu() for p in ps]))
-    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3  # CUDA iterates NS in bf16 by default
-    torch.testing.assert_close(results[1], results[0], rtol=0, atol=tol * 0.02 * 3)
+        deltas.append(torch.stack([p.detach().float().cpu() for p in ps]) - x0.to(dtype).float())
+    rel = float((deltas[1] - deltas[0]).norm() / deltas[0].norm())
+    assert rel < (0.05 if dtype == torch.bfloat16 else 0.02), rel
 
 
 # ------------------------------------------------------------------ non-finite and bad input
