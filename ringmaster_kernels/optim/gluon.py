@@ -161,7 +161,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         L0, L1: give both (>= 0, not both 0) to use ``t = ||g||_* / (L0 + L1 ||g||_*)``.
         nonfinite: "skip" (default: skip the whole step, count it in
             ``skipped_steps``), "raise" (``FloatingPointError``) or "ignore" (no check).
-        backend: "auto" | "triton" | "torch", passed to the norms.
+        backend: "auto" | "triton" | "torch", passed to ``ops.lmo_step_``.
 
     Parameters are updated in their own dtype (rounded once); the momentum buffer
     (``state[p]["momentum_buffer"]``) is fp32. Tensors of 3 or more dimensions are seen
