@@ -171,7 +171,7 @@ class LocalWorker:
             lasts at least this long (spread over the micro-steps), so the staleness
             the server sees on a 2-core CPU is the staleness of heterogeneous devices.
         slowdown: emulated speed factor: each job lasts at least ``slowdown`` times its
-            real compute time.
+            real compute time (on CUDA, measured with a stream sync per micro-step).
         fault: an injected :class:`Fault` (``"kill"`` is for remote workers only).
     """
 
@@ -215,12 +215,20 @@ class LocalWorker:
             trainer.layout.bind(self.model, self.flat_param, self.flat_grad)
 
     def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
+        result = self._run_job(job)
+        if result is None and self.device.type == "cuda":
+            # the snapshot's reference dies with ``job``: let its asynchronous copy finish first
+            torch.cuda.current_stream(self.device).synchronize()
+        return result
+
+    def _run_job(self, job: Job) -> tuple[torch.Tensor, float] | None:
         trainer = self.trainer
+        cuda = self.device.type == "cuda"
         if job.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(job.ready)
+        # ``job`` keeps the snapshot alive until float(loss_sum) below has synchronized
+        # this stream, so the asynchronous copy never reads freed memory
         self.flat_param.copy_(job.params, non_blocking=True)
-        if job.ready is not None:
-            job.params.record_stream(torch.cuda.current_stream(self.device))
         fault = self.fault if self.fault is not None and self.fault.at_job == job.index else None
         if fault is not None and fault.kind == "raise":
             raise RuntimeError(f"injected fault: worker {job.worker} raised at job {job.index}")
@@ -240,6 +248,8 @@ class LocalWorker:
             loss = trainer.task.loss(self.model, batch) / self.accum_steps
             loss.backward()
             loss_sum += loss.detach()
+            if cuda and self.slowdown > 1.0:  # the speed factor needs device time, not launch time
+                torch.cuda.current_stream(self.device).synchronize()
             real += time.monotonic() - t0
             job.beat()
             target = max((self.compute_time or 0.0) * (step + 1) / self.accum_steps, real * self.slowdown)
@@ -434,6 +444,7 @@ class AsyncTrainer:
             self._server_stream = torch.cuda.Stream(self.server_device)
             self._slot_ready = [torch.cuda.Event() for _ in range(self.num_slots)]
             self._slot_free = [torch.cuda.Event() for _ in range(self.num_slots)]
+            self._copy_streams = [torch.cuda.Stream(self.server_device) for _ in range(self.n)]
         self._ws = [_WorkerState() for _ in range(self.n)]
         self._cancel_below = [0] * self.n
         self._idle: set[int] = set()
@@ -735,10 +746,9 @@ class AsyncTrainer:
                     if stopping.is_set() and slot is None:
                         return
                 if self._cuda:
-                    torch.cuda.current_stream(body.device).wait_event(self._slot_free[slot])
-                self._slots[slot].copy_(grad, non_blocking=True)
-                if self._cuda:
-                    self._slot_ready[slot].record(torch.cuda.current_stream(body.device))
+                    self._copy_to_slot(i, slot, grad, torch.cuda.current_stream(body.device))
+                else:
+                    self._slots[slot].copy_(grad)
                 self._slot_loss[slot], self._slot_finite[slot] = loss, finite
                 self.queue.push(slot, i, version)
             except QueueClosed:
@@ -754,6 +764,17 @@ class AsyncTrainer:
                 if answer == _STOP:
                     return
                 break
+
+    def _copy_to_slot(self, worker: int, slot: int, grad: torch.Tensor, compute: torch.cuda.Stream) -> None:
+        """Copy on a per-worker stream of the server device, after the gradient is computed
+        and after the server's last read of the slot; the slot's event marks the end."""
+        copy = self._copy_streams[worker]
+        copy.wait_stream(compute)
+        copy.wait_event(self._slot_free[slot])
+        with torch.cuda.stream(copy):
+            self._slots[slot].copy_(grad, non_blocking=True)
+            self._slot_ready[slot].record(copy)
+        compute.wait_stream(copy)  # the next job zeroes ``grad`` on the compute stream
 
     # ------------------------------------------------------------------ monitor
     def _monitor(self) -> None:
@@ -805,6 +826,8 @@ class AsyncTrainer:
         ``totals_including_resumed``); ``accounting_ok`` checks
         ``pushed == accepted + stale + nonfinite + dropped + in_flight``.
         """
+        if not self._ran:
+            raise RuntimeError("summary: the trainer has not run yet")
         wall = time.monotonic() - self._start
         totals = dict(self.totals)
         pushed = sum(ws.pushed for ws in self._ws)
@@ -863,6 +886,8 @@ class AsyncTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
+        if self._cuda:
+            torch.cuda.synchronize(self.server_device)  # the master may be written on the server stream
         worker_states = [body.state_dict() for body in self.workers]
         totals = Counter(self._totals_before)
         totals.update(getattr(self, "totals", Counter()))

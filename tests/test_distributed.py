@@ -1,0 +1,84 @@
+"""Several processes on Gloo: rank 0 serves, two heterogeneous remote workers, one killed.
+
+The ranks are started directly with the torchrun environment variables (torchrun's own
+agent stops every rank as soon as one dies, which is the opposite of what this checks).
+Every wait is bounded; leftover processes are killed.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from ringmaster_kernels.runtime.distributed import RemoteWorker, init_from_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 150  # seconds for the whole 3-process job, whatever the machine's load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, argv: list[str], tmp_path) -> list[tuple[int, str]]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    procs = []
+    try:
+        for rank in range(world):
+            log = open(tmp_path / f"rank{rank}.log", "w")
+            procs.append((subprocess.Popen([sys.executable, "-m", "ringmaster_kernels.cli", *argv], cwd=ROOT,
+                                           env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                           stdout=log, stderr=subprocess.STDOUT), log))
+        results = []
+        for proc, log in procs:
+            proc.wait(timeout=TIMEOUT)
+            log.close()
+            results.append((proc.returncode, open(log.name).read()))
+        return results
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def test_gloo_server_and_two_heterogeneous_workers_survive_a_killed_worker(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--distributed", "--methods", "ringmaster", "--time", "5", "--out", str(out),
+            "--d-model", "16", "--layers", "1", "--heads", "2", "--seq-len", "16", "--batch-size", "4",
+            "--corpus-bytes", "100000", "--profile", "linear", "--tau", "0.02", "--lr", "0.05",
+            "--fault", "1:kill@8", "--log-every", "100", "--eval-every", "100"]
+    (rc0, log0), (rc1, log1), (rc2, log2) = launch(3, argv, tmp_path)
+    assert rc2 == -signal.SIGKILL, log2
+    assert rc0 == 0, log0
+    assert rc1 == 0, log1  # the surviving worker was told to exit
+    assert "worker 1 dead" in log0 and "the run continues" in log0
+    summary = json.loads((out / "summary.json").read_text())["methods"]["ringmaster"]
+    fast, killed = summary["per_worker"]
+    assert killed["status"] == "dead" and killed["pushed"] == 8
+    assert fast["status"] == "stopped" and "RemoteWorker(rank=1" in fast["body"]
+    assert fast["pushed"] > 2 * killed["pushed"]  # it kept training alone after the kill
+    assert summary["stop_reason"] == "max_time"
+    assert summary["accounting_ok"]
+    assert summary["updates"] == summary["totals"]["accepted"] > 16
+    assert summary["final_loss"] < summary["initial_loss"] - 0.5
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        RemoteWorker(0)
+    if not dist.is_initialized():
+        saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+        try:
+            with pytest.raises(ValueError, match="torchrun"):
+                init_from_env()
+        finally:
+            os.environ.update(saved)
