@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="param and grad dtype (momenta are always float32)")
     parser.add_argument("--nesterov", action="store_true")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CUDA / 1 CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 20 CUDA / 3 CPU)")
 
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     from ..backend import resolve_backend
     from ._timing import emit, machine_info, time_fn
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -161,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "machine": machine_info(),
         "config": {"depth": depth, "width": 64 * depth, "vocab": vocab, "large": large, "dtype": args.dtype,
-                   "nesterov": args.nesterov, **{k: v for k, v in timing.items() if k != "device"}},
+                   "nesterov": args.nesterov, "threads": torch.get_num_threads(), **{k: v for k, v in timing.items() if k != "device"}},
         "copy_GBps": copy_gbps,
         "results": results,
         "notes": notes,
