@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quad.add_argument("--batch", type=int, help="Rennala's batch size B")
     quad.add_argument("--tune", action="store_true", help="grid-search every method on --tune-seed first")
     quad.add_argument("--tune-seed", type=int, default=0)
+    quad.add_argument("--jobs", type=int, default=1,
+                      help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
     swp = sub.add_parser("sweep", help="Ringmaster's speed-up vs heterogeneity")
     _common(swp, workers=128, dim=128, horizon=1000.0)
     swp.add_argument("--levels", default="0,0.25,0.5,1,2,4",
@@ -49,8 +51,6 @@ def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: floa
     p.add_argument("--radius", type=float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
     p.add_argument("--momentum", type=float, default=0.95, help="beta")
     p.add_argument("--seed", type=int, default=1, help="seed of the reported run")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", help="write a PNG here")
 
@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         exp.validate()
         if not (0.0 <= args.momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {args.momentum}")
-        if args.jobs < 0:
-            raise ValueError(f"jobs must be >= 0, got {args.jobs}")
         if args.experiment == "quadratic":
+            if args.jobs < 0:
+                raise ValueError(f"jobs must be >= 0, got {args.jobs}")
             methods, params, overridden = _plan(args, ex)
             # build every policy once: bad values raise here, before any simulation
             for m in methods:
