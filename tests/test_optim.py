@@ -14,6 +14,16 @@ from ringmaster_kernels.optim import Gluon, GluonAdamW, muon_groups, scion_group
 MATRIX_NORMS = ("spectral", "sign", "l2", "l1", "colnorm", "rownorm")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second OpenMP thread only adds spin-waits, which on a loaded
+    machine made the learning check 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------ float64 oracle
 def polar_ns64(U: torch.Tensor, steps: int, coefficients) -> torch.Tensor:
     """Newton–Schulz in float64 with the optimizer's schedule, on one (m, n) matrix."""
