@@ -47,7 +47,9 @@ _TILE = 4096
 _TILE_INTERPRET = 16384
 _MAX_BC = 256
 
-# constexpr codes
+# constexpr codes. REDUCE: 0 none, 1 per row-group, 2 per column. SOURCE of u in the
+# update pass: g alone (a bare LMO), momentum fused into this pass, the momentum that
+# pass 1 stored, or the finished direction buffer.
 _REDUCE = {"sign": 0, "direction": 0, "unit": 1, "rows": 1, "cols": 2}
 SRC_G, SRC_MOMENTUM, SRC_STATE, SRC_DIRECTION = 0, 1, 2, 3
 
