@@ -155,13 +155,15 @@ def report(args: argparse.Namespace, summaries: dict) -> None:
 
 def table(summaries: dict) -> str:
     rows = [("method", "loss start", "loss reached", "wall s", "updates", "upd/s", "discard rate", "cancelled",
-             "overhead us/upd", "lost workers")]
+             "server us/upd cpu|wall", "lost workers")]
     for name, s in summaries.items():
-        overhead = s["server"]["overhead_us_per_update"]
+        server = s["server"]
+        overhead = "-" if server["overhead_us_per_update"] is None else \
+            f"{server['overhead_cpu_us_per_update']:.0f} | {server['overhead_us_per_update']:.0f}"
         rows.append((
             name, f"{s['initial_loss']:.3f}", f"{s['final_loss']:.3f}", f"{s['wall_time_s']:.1f}", str(s["updates"]),
             f"{s['updates_per_s']:.1f}", f"{s['discard_rate']:.1%}", str(s["totals"]["cancelled"]),
-            "-" if overhead is None else f"{overhead:.0f}", str(len(s["faults"])),
+            overhead, str(len(s["faults"])),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)

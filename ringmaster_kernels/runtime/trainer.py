@@ -52,6 +52,12 @@ RUNNING, WAITING, DEAD, DROPPED, STOPPED = "running", "waiting", "dead", "droppe
 _GO, _STOP = 1, 0
 
 
+def _stamp() -> tuple[float, float]:
+    """(wall clock, this thread's CPU clock): the server's cost both with and without the
+    time other threads or processes held the CPU or the GIL."""
+    return time.perf_counter(), time.thread_time()
+
+
 class Task(Protocol):
     """What the runtime trains: a model, its norm groups, data and a loss.
 
@@ -454,7 +460,7 @@ class AsyncTrainer:
         # (worker, start version, delay, accepted, version after)
         self.trace: list[tuple[int, int, int, bool, int]] = []
         self.totals: Counter = Counter()
-        self._timing = Counter()  # server seconds: busy, math, publish
+        self._timing = Counter()  # server seconds, wall and (suffix _cpu) thread CPU: busy, math, publish
         self._server_error: BaseException | None = None
         self._version_at_start = self.policy.version
         self._publish()
@@ -578,35 +584,39 @@ class AsyncTrainer:
         if decision is not None:
             self._execute(worker, decision, answer=False)
 
+    def _clock(self, key: str, since: tuple[float, float]) -> None:
+        """Add the wall and this thread's CPU time elapsed since ``since`` to ``key``."""
+        now = _stamp()
+        self._timing[key] += now[0] - since[0]
+        self._timing[key + "_cpu"] += now[1] - since[1]
+
     def _handle(self, record) -> None:
-        t0 = time.perf_counter()
+        t0 = _stamp()
         slot, worker, version = record.slot, record.worker, record.version
         ws = self._ws[worker]
         if ws.state in (DEAD, DROPPED):
             self.totals["dropped"] += 1
             self._release(slot)
-            self._timing["busy"] += time.perf_counter() - t0
+            self._clock("busy", t0)
             return
         if not self._slot_finite[slot]:
             self.totals["nonfinite"] += 1
             ws.discarded += 1
             self._release(slot)
+            self._clock("busy", t0)
             ws.inbox.put(_GO)
-            self._timing["busy"] += time.perf_counter() - t0
             return
         used_at = []
 
         def gradient() -> list[torch.Tensor]:
-            used_at.append(time.perf_counter())
+            used_at.append(_stamp())
             if self._cuda:
                 torch.cuda.current_stream(self.server_device).wait_event(self._slot_ready[slot])
             return self._slot_views[slot]
 
-        t1 = time.perf_counter()
         decision = self.policy.on_gradient(worker, version, gradient)
-        t2 = time.perf_counter()
-        if used_at:
-            self._timing["math"] += t2 - used_at[0]
+        if used_at:  # the update math: from the policy's first touch of the gradient to its return
+            self._clock("math", used_at[0])
         self._release(slot)
         self.delay_hist[decision.delay] += 1
         ws.arrivals += 1
@@ -629,15 +639,15 @@ class AsyncTrainer:
             self._slot_free[slot].record(self._server_stream)
         self.queue.release_slot(slot)
 
-    def _execute(self, worker: int, decision, answer: bool, started: float | None = None) -> None:
+    def _execute(self, worker: int, decision, answer: bool, started: tuple[float, float] | None = None) -> None:
         """Carry out a policy :class:`Decision` for the gradient ``worker`` delivered;
         ``started``: when the server took the record (its busy time ends before the
         answers, see below)."""
         if decision.advanced:
-            t = time.perf_counter()
+            t = _stamp()
             self._publish()
             self.queue.set_version(decision.version)
-            self._timing["publish"] += time.perf_counter() - t
+            self._clock("publish", t)
             self.curve.append((self._now(), decision.version, self._loss_ema if self._loss_ema is not None else math.nan))
         if decision.cancel_before is not None:
             for i, ws in enumerate(self._ws):
@@ -648,7 +658,7 @@ class AsyncTrainer:
         # Answers go last and outside the busy clock: a woken worker thread asks for the
         # GIL at once, and what the server then waits is other threads' Python time.
         if started is not None:
-            self._timing["busy"] += time.perf_counter() - started
+            self._clock("busy", started)
         if answer and not decision.restart:
             self._idle.add(worker)
         if decision.restart_idle:
@@ -800,10 +810,12 @@ class AsyncTrainer:
         elapsed = max(time.monotonic() - self._start, 1e-9)
         v = self.policy.version
         done = self.totals["accepted"] + self.totals["stale"] + self.totals["nonfinite"] + self.totals["dropped"]
-        rate = (self.totals["stale"] + self.totals["nonfinite"]) / done if done else 0.0
+        rate = (done - self.totals["accepted"]) / done if done else 0.0
         loss = f"{self._loss_ema:.3f}" if self._loss_ema is not None else "-"
+        per_worker = " ".join(f"{ws.pushed / elapsed:.1f}" for ws in self._ws)
         return (f"[ringmaster {self.method}] t={self._now():6.1f}s version={v} upd/s={(v - self._version_at_start) / elapsed:6.1f} "
-                f"accepted={self.totals['accepted']} discarded={done - self.totals['accepted']} ({rate:.0%}) loss={loss}")
+                f"accepted={self.totals['accepted']} discarded={done - self.totals['accepted']} ({rate:.0%}) "
+                f"cancelled={sum(ws.cancelled for ws in self._ws)} grads/s per worker=[{per_worker}] loss={loss}")
 
     def _evaluate(self) -> float:
         version, params, ready = self._published
@@ -824,7 +836,11 @@ class AsyncTrainer:
 
         Counts under ``totals`` are this run's (a resumed run adds its predecessors' in
         ``totals_including_resumed``); ``accounting_ok`` checks
-        ``pushed == accepted + stale + nonfinite + dropped + in_flight``.
+        ``pushed == accepted + stale + nonfinite + dropped + in_flight``. ``server``
+        holds the server's overhead (queue, policy decision, bookkeeping: its busy time
+        minus the update math and the parameter publication) per record and per update,
+        in wall time and in the server thread's CPU time (wall time also counts waits for
+        the GIL and for a loaded CPU).
         """
         if not self._ran:
             raise RuntimeError("summary: the trainer has not run yet")
@@ -847,9 +863,10 @@ class AsyncTrainer:
                 "gradients_per_s": ws.pushed / wall if wall > 0 else 0.0,
                 "mean_delay": ws.delay_sum / ws.arrivals if ws.arrivals else None, "error": ws.error,
             })
-        busy, math_s, publish = self._timing["busy"], self._timing["math"], self._timing["publish"]
+        timing = self._timing
         records = totals["accepted"] + discarded
-        overhead = busy - math_s - publish
+        overhead = timing["busy"] - timing["math"] - timing["publish"]
+        overhead_cpu = timing["busy_cpu"] - timing["math_cpu"] - timing["publish_cpu"]
         combined = Counter(self._totals_before)
         combined.update({k: v for k, v in totals.items() if isinstance(v, int)})
         return {
@@ -873,8 +890,9 @@ class AsyncTrainer:
                 "records": records,
                 "overhead_us_per_record": 1e6 * overhead / records if records else None,
                 "overhead_us_per_update": 1e6 * overhead / updates if updates else None,
-                "math_ms_per_update": 1e3 * math_s / updates if updates else None,
-                "publish_us_per_update": 1e6 * publish / updates if updates else None,
+                "overhead_cpu_us_per_update": 1e6 * overhead_cpu / updates if updates else None,
+                "math_ms_per_update": 1e3 * timing["math"] / updates if updates else None,
+                "publish_us_per_update": 1e6 * timing["publish"] / updates if updates else None,
             },
             "final_loss": self.evals[-1][2] if self.evals else None,
             "initial_loss": self.evals[0][2] if self.evals else None,
