@@ -163,12 +163,12 @@ def _quadratic(args, ex, exp, methods, params, overridden) -> int:
         if tuning is not None:
             for m, t in tuning.items():
                 _print_grid(m, t, args.tune_seed)
-        print(f"{'method':<16}{'params':<30}{'final ||g||^2':>14}{'t_target':>10}{'accepted':>10}{'discarded':>11}")
-        for m in methods:
+        print(f"{'method':<16}{'params':<30}{'final ||g||^2':>14}{'t_target':>10}{'accepted':>10}{'discarded':>11}{'wall s':>8}")
+        for m, tr in zip(methods, traces):
             r = result["methods"][m]
             ttt = "-" if r["time_to_target"] is None else f"{r['time_to_target']:.1f}"
             p = ", ".join(f"{k}={v:g}" for k, v in params[m].items())
-            print(f"{m:<16}{p:<30}{r['final_grad_norm_sq']:>14.3e}{ttt:>10}{r['accepted']:>10}{r['discarded']:>11}")
+            print(f"{m:<16}{p:<30}{r['final_grad_norm_sq']:>14.3e}{ttt:>10}{r['accepted']:>10}{r['discarded']:>11}{tr.wall_s:>8.1f}")
     return 0
 
 

@@ -13,6 +13,7 @@ gradient noise. Given the seed, a run is reproducible bit for bit.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +43,7 @@ class Trace:
         end_time: virtual time the run stopped (the horizon, or the last event when no
             job can end any more).
         metric_name: what ``metric`` is.
+        wall_s: host seconds the simulation took.
     """
 
     time: np.ndarray
@@ -55,6 +57,7 @@ class Trace:
     started: int
     end_time: float
     metric_name: str
+    wall_s: float = 0.0
 
     @property
     def num_accepted(self) -> int:
@@ -146,6 +149,7 @@ def simulate(
         for v in [v for v in snapshots if v not in live]:
             del snapshots[v]
 
+    wall_start = time.perf_counter()
     initial_metric = objective.metric(policy.params)
     start(np.arange(n))
     updates_since_record = 0
@@ -212,4 +216,5 @@ def simulate(
         started=started,
         end_time=end_time,
         metric_name=objective.metric_name,
+        wall_s=time.perf_counter() - wall_start,
     )
