@@ -125,14 +125,16 @@ class QuadraticExperiment:
     def build(self, method: str, params: dict[str, Any]):
         """``(policy, objective, time_model)`` for one run; validates everything first."""
         self.validate()
-        objective = TridiagonalQuadratic(self.dim, self.noise, row=self.norm == "spectral")
-        group: dict[str, Any] = {"params": objective.initial_params(), "norm": self.norm}
-        if self.norm == "spectral":
-            group["lmo_options"] = {"coefficients": "quintic", "steps": 5}
-        radius = self.radius if self.radius is not None else (muon_vector_gain(self.dim) if self.norm == "l2" else 1.0)
-        group["radius"] = radius
-        extra = {} if method in ("ringmaster_pa", "ringmaster_asgd") else {"momentum": self.momentum}
-        policy = make_policy(method, [group], num_workers=self.workers, nesterov=self.nesterov, **extra, **params)
+        objective = TridiagonalQuadratic(self.dim, self.noise, row=norms.NORMS[self.norm].unit == "matrix")
+        group: dict[str, Any] = {"params": objective.initial_params()}
+        allowed = METHODS[method][2]
+        if "norm" in allowed:  # ringmaster_asgd takes the raw gradient step
+            group["norm"] = self.norm
+            group["radius"] = self.radius or (muon_vector_gain(self.dim) if self.norm == "l2" else 1.0)
+            if self.norm == "spectral":
+                group["lmo_options"] = {"coefficients": "quintic", "steps": 5}
+        settings = {k: v for k, v in (("momentum", self.momentum), ("nesterov", self.nesterov)) if k in allowed}
+        policy = make_policy(method, [group], num_workers=self.workers, **settings, **params)
         time_model = make_time_model(self.time_model, self.workers, heterogeneity=self.heterogeneity)
         return policy, objective, time_model
 
