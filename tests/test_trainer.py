@@ -60,6 +60,16 @@ def check_accounting(summary: dict) -> None:
     assert summary["accounting_ok"]
 
 
+@pytest.fixture(autouse=True)
+def no_thread_left_behind():
+    """Every run must end all its threads (a hung worker included): nothing may leak into CI."""
+    yield
+    for thread in threading.enumerate():
+        if thread.name.startswith("ringmaster-"):
+            thread.join(timeout=5.0)
+            assert not thread.is_alive(), f"{thread.name} still running after the run ended"
+
+
 @pytest.fixture(scope="module")
 def gpt_task():
     cfg = GPTConfig(d_model=32, n_layer=1, n_head=2, seq_len=32)
