@@ -145,17 +145,30 @@ class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
                 _check_muon_hyper(group, f"param_groups[{gi}]")
         self.backend = backend
         self.process_group = process_group
+        self._extras = extras
         adamw = [g for g in groups if g["kind"] == "adamw"]
         # AdamW fills its defaults into these very dicts; adopting the same objects below
         # is what lets the training loop's lr rewrites reach it.
         self._adamw = torch.optim.AdamW(adamw, fused=fused_adamw) if adamw else None
         super().__init__(groups, {})
-        self._share_state()
-        self.register_load_state_dict_post_hook(RingmasterMuonAdamW._share_state)
+        self._adopt_groups()
+        self.register_load_state_dict_post_hook(RingmasterMuonAdamW._adopt_groups)
 
-    def _share_state(self) -> None:
-        """Point the inner AdamW at our adamw groups and state (after init and each load,
-        since ``load_state_dict`` replaces both)."""
+    def _adopt_groups(self) -> None:
+        """After init and each load (which replaces the groups with the saved ones, e.g.
+        NanoChat's, lacking our keys): fill in the defaults of both kinds and point the
+        inner AdamW at our adamw groups and state."""
+        for group in self.param_groups:
+            defaults = self._extras if group["kind"] == "muon" else self._adamw.defaults
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+            if group["kind"] == "adamw":
+                on_param = group["fused"] or group["capturable"]
+                for p in group["params"]:
+                    step = self.state.get(p, {}).get("step")
+                    if step is not None and not isinstance(step, torch.Tensor):  # NanoChat counts in an int
+                        self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                                             device=p.device if on_param else "cpu")
         if self._adamw is not None:
             self._adamw.param_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
             self._adamw.state = self.state
