@@ -158,6 +158,8 @@ def test_all_workers_lost_stops_the_run():
     summary = linear_trainer(workers).run(max_time=RUN_LIMIT)
     assert summary["stop_reason"] == "all workers lost"
     assert summary["updates"] == 0
+    assert sorted(f["worker"] for f in summary["faults"]) == [0, 1]
+    assert [w["status"] for w in summary["per_worker"]] == ["dead", "dead"]
 
 
 def test_checkpoint_resume_continues_the_run(tmp_path):
@@ -238,9 +240,6 @@ class ScriptedWorker:
             return None
         finally:
             self.current = None
-
-    def close(self):
-        pass
 
     def state_dict(self):
         return {}

@@ -81,9 +81,6 @@ class RemoteWorker:
         job.beat()
         return self.grad, float(self.reply[0])
 
-    def close(self) -> None:
-        pass
-
     def state_dict(self) -> dict:
         return {}
 

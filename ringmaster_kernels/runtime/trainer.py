@@ -160,7 +160,6 @@ class WorkerBody(Protocol):
     def bind(self, trainer: "AsyncTrainer", worker: int) -> None: ...
     def setup(self) -> None: ...
     def compute(self, job: Job) -> tuple[torch.Tensor, float] | None: ...
-    def close(self) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -265,9 +264,6 @@ class LocalWorker:
             self.flat_grad.fill_(math.nan)
         return self.flat_grad, float(loss_sum)
 
-    def close(self) -> None:
-        pass
-
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
@@ -277,7 +273,8 @@ class LocalWorker:
 
 @dataclass
 class _WorkerState:
-    state: str = WAITING
+    phase: str = WAITING  # written by the worker thread only: running, waiting, stopped
+    fate: str | None = None  # written by the server only: dead or dropped (the worker is lost)
     job_version: int = 0
     jobs: int = 0
     pushed: int = 0
@@ -552,28 +549,31 @@ class AsyncTrainer:
             return "max_updates"
         if self.max_time is not None and now - self._start >= self.max_time:
             return "max_time"
-        if all(ws.state in (DEAD, DROPPED, STOPPED) for ws in self._ws):
+        if all(ws.fate or ws.phase == STOPPED for ws in self._ws):
             return "all workers lost"
         return ""
 
-    def _check_health(self, now: float) -> None:
+    def _drain_faults(self) -> None:
         while True:
             try:
                 worker, error = self._faults.get_nowait()
             except pyqueue.Empty:
-                break
+                return
             self._lose_worker(worker, DEAD, error)
+
+    def _check_health(self, now: float) -> None:
+        self._drain_faults()
         if self.hang_timeout is None:
             return
         for i, ws in enumerate(self._ws):
-            if ws.state == RUNNING and now - ws.beat > self.hang_timeout:
+            if ws.fate is None and ws.phase == RUNNING and now - ws.beat > self.hang_timeout:
                 self._lose_worker(i, DROPPED, f"no heartbeat for {now - ws.beat:.1f} s (hang_timeout={self.hang_timeout})")
 
     def _lose_worker(self, worker: int, state: str, error: str) -> None:
         ws = self._ws[worker]
-        if ws.state in (DEAD, DROPPED):
+        if ws.fate:
             return
-        ws.state, ws.error = state, error
+        ws.fate, ws.error = state, error
         self.fault_log.append({"worker": worker, "status": state, "error": error, "version": self.policy.version, "t": self._now()})
         if self.log:
             self.log(f"[ringmaster] worker {worker} {state}: {error.strip().splitlines()[-1]}; the run continues")
@@ -594,7 +594,7 @@ class AsyncTrainer:
         t0 = _stamp()
         slot, worker, version = record.slot, record.worker, record.version
         ws = self._ws[worker]
-        if ws.state in (DEAD, DROPPED):
+        if ws.fate:
             self.totals["dropped"] += 1
             self._release(slot)
             self._clock("busy", t0)
@@ -653,7 +653,7 @@ class AsyncTrainer:
             for i, ws in enumerate(self._ws):
                 if decision.cancel_before > self._cancel_below[i]:
                     self._cancel_below[i] = decision.cancel_before
-                    if ws.state == RUNNING and ws.job_version < decision.cancel_before:
+                    if ws.phase == RUNNING and ws.job_version < decision.cancel_before:
                         ws.wake.set()
         # Answers go last and outside the busy clock: a woken worker thread asks for the
         # GIL at once, and what the server then waits is other threads' Python time.
@@ -672,6 +672,7 @@ class AsyncTrainer:
         """Stop every worker, then count what is still in the queue as in flight."""
         from ..queue import QueueClosed
 
+        self._drain_faults()  # crashes reported after the last health check
         self._stopping.set()
         for ws in self._ws:
             ws.inbox.put(_STOP)
@@ -687,13 +688,8 @@ class AsyncTrainer:
             self.totals["in_flight"] += 1
         deadline = time.monotonic() + 10.0
         for i, thread in enumerate(self._threads):
-            if self._ws[i].state not in (DEAD, DROPPED):
+            if not self._ws[i].fate:
                 thread.join(max(0.0, deadline - time.monotonic()))
-        for body in self.workers:
-            try:
-                body.close()
-            except Exception as exc:  # a dead remote peer cannot be told to stop
-                self.fault_log.append({"worker": body.worker, "status": "close failed", "error": repr(exc)})
 
     # ------------------------------------------------------------------ worker
     def _worker_main(self, i: int) -> None:
@@ -709,12 +705,11 @@ class AsyncTrainer:
                 body.setup()
                 self._work(i, ws, body)
         except Exception:
+            ws.phase = STOPPED  # not RUNNING: the server's hang check must not race the report
             if not self._stopping.is_set():
-                ws.state = WAITING  # not RUNNING: the server's hang check must not race the report
                 self._faults.put((i, traceback.format_exc()))
             return
-        if ws.state not in (DEAD, DROPPED):
-            ws.state = STOPPED
+        ws.phase = STOPPED
 
     def _work(self, i: int, ws: _WorkerState, body: WorkerBody) -> None:
         from ..queue import QueueClosed
@@ -733,16 +728,14 @@ class AsyncTrainer:
             ws.job_version = version
             ws.wake.clear()
             job = Job(i, ws.jobs, version, params, ready,
-                      cancelled=lambda v=version: v < self._cancel_below[i] or stopping.is_set() or ws.state == DROPPED,
+                      cancelled=lambda v=version: v < self._cancel_below[i] or stopping.is_set() or ws.fate is not None,
                       beat=beat, sleep_until=sleep_until)
             ws.jobs += 1
             beat()
-            ws.state = RUNNING
+            ws.phase = RUNNING
             result = body.compute(job)
-            if ws.state == DROPPED:
-                return
-            ws.state = WAITING
-            if stopping.is_set():
+            ws.phase = WAITING
+            if stopping.is_set() or ws.fate:
                 return
             if result is None or job.cancelled():
                 ws.cancelled += 1
@@ -858,7 +851,7 @@ class AsyncTrainer:
         per_worker = []
         for i, (ws, body) in enumerate(zip(self._ws, self.workers)):
             per_worker.append({
-                "worker": i, "body": repr(body), "status": ws.state, "jobs": ws.jobs, "pushed": ws.pushed,
+                "worker": i, "body": repr(body), "status": ws.fate or ws.phase, "jobs": ws.jobs, "pushed": ws.pushed,
                 "accepted": ws.accepted, "discarded": ws.discarded, "cancelled": ws.cancelled,
                 "gradients_per_s": ws.pushed / wall if wall > 0 else 0.0,
                 "mean_delay": ws.delay_sum / ws.arrivals if ws.arrivals else None, "error": ws.error,
