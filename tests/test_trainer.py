@@ -182,7 +182,8 @@ def test_checkpoint_resume_continues_the_run(tmp_path):
     assert second.curve[: len(first.curve)] == first.curve  # the history continues
     times = [t for t, _, _ in second.curve]
     assert times == sorted(times) and len(times) > len(first.curve)
-    assert s2["totals_including_resumed"]["accepted"] == s1["totals"]["accepted"] + s2["totals"]["accepted"]
+    for key in ("accepted", "pushed", "discarded", "cancelled"):
+        assert s2["totals_including_resumed"][key] == s1["totals"][key] + s2["totals"][key]
     assert s2["final_loss"] < s1["initial_loss"]
     with pytest.raises(ValueError, match="path"):
         linear_trainer(workers(), "sync").load_checkpoint(path)

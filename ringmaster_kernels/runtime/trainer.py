@@ -838,14 +838,8 @@ class AsyncTrainer:
         if not self._ran:
             raise RuntimeError("summary: the trainer has not run yet")
         wall = time.monotonic() - self._start
-        totals = dict(self.totals)
-        pushed = sum(ws.pushed for ws in self._ws)
-        totals["pushed"] = pushed
-        totals["cancelled"] = sum(ws.cancelled for ws in self._ws)
-        discarded = totals.get("stale", 0) + totals.get("nonfinite", 0) + totals.get("dropped", 0)
-        totals["discarded"] = discarded
-        for key in ("accepted", "stale", "nonfinite", "dropped", "in_flight"):
-            totals.setdefault(key, 0)
+        totals = self._run_totals()
+        pushed, discarded = totals["pushed"], totals["discarded"]
         stats = self.queue.stats()
         updates = self.policy.version - self._version_at_start
         per_worker = []
@@ -861,7 +855,7 @@ class AsyncTrainer:
         overhead = timing["busy"] - timing["math"] - timing["publish"]
         overhead_cpu = timing["busy_cpu"] - timing["math_cpu"] - timing["publish_cpu"]
         combined = Counter(self._totals_before)
-        combined.update({k: v for k, v in totals.items() if isinstance(v, int)})
+        combined.update(totals)
         return {
             "method": self.method,
             "policy": self.policy.hyperparameters(),
@@ -896,12 +890,22 @@ class AsyncTrainer:
         }
 
     # ------------------------------------------------------------------ checkpoints
+    def _run_totals(self) -> dict[str, int]:
+        """This run's counts: pushed, accepted, discarded (= stale + nonfinite + dropped),
+        in flight at stop, and cancelled jobs (never pushed)."""
+        totals = {key: self.totals[key] for key in ("accepted", "stale", "nonfinite", "dropped", "in_flight")}
+        totals["discarded"] = totals["stale"] + totals["nonfinite"] + totals["dropped"]
+        totals["pushed"] = sum(ws.pushed for ws in self._ws)
+        totals["cancelled"] = sum(ws.cancelled for ws in self._ws)
+        return totals
+
     def _state(self) -> dict:
         if self._cuda:
             torch.cuda.synchronize(self.server_device)  # the master may be written on the server stream
         worker_states = [body.state_dict() for body in self.workers]
         totals = Counter(self._totals_before)
-        totals.update(getattr(self, "totals", Counter()))
+        if self._ran:
+            totals.update(self._run_totals())
         return {
             "format": 1,
             "method": self.method,
