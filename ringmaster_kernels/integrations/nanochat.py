@@ -57,7 +57,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import math
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
