@@ -42,7 +42,9 @@ from .backend import resolve_backend
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPECTRAL_SCALES = ("none", "scion", "muon")
 # Spectral options and defaults (Newton–Schulz settings go to ops.orthogonalize).
-SPECTRAL_OPTIONS = {"scale": "none", "steps": 5, "coefficients": "polar_express", "eps": 1e-7}
+# compute_dtype None is the device default: bf16 on CUDA, fp32 on CPU (see
+# reference.default_compute_dtype); torch.bfloat16 on CPU is torch.optim.Muon's math.
+SPECTRAL_OPTIONS = {"scale": "none", "steps": 5, "coefficients": "polar_express", "eps": 1e-7, "compute_dtype": None}
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ def resolve_options(spec: Norm, options: dict) -> dict:
     resolved = {**spec.options, **options}
     if "scale" in resolved and resolved["scale"] not in SPECTRAL_SCALES:
         raise ValueError(f"scale must be one of {SPECTRAL_SCALES}, got {resolved['scale']!r}")
+    if resolved.get("compute_dtype") not in (None, *_FLOAT_DTYPES):
+        raise TypeError(f"compute_dtype must be None or one of {_FLOAT_DTYPES}, got {resolved['compute_dtype']!r}")
     return resolved
 
 
@@ -157,11 +161,13 @@ def lmo(
             when this is ``"auto"``. Spectral runs ``ops.orthogonalize`` with it; l1 is
             an argmax and one scatter, done in torch on every backend.
         **options: spectral only: ``scale`` ("none" | "scion" | "muon"), ``steps``,
-            ``coefficients``, ``eps`` (see ``ops.orthogonalize``).
+            ``coefficients``, ``eps`` and ``compute_dtype`` (the Newton–Schulz iteration
+            dtype; None: bf16 on CUDA, fp32 on CPU), all passed to ``ops.orthogonalize``.
 
     Returns:
         A tensor of G's shape and dtype (``out`` if given). The kernels compute in fp32
-        (as does the twin, which uses fp64 for fp64 input).
+        (as does the twin, which uses fp64 for fp64 input), except spectral's
+        Newton–Schulz, which iterates in ``compute_dtype``.
     """
     from .ops import _check_out, orthogonalize
 
@@ -173,7 +179,8 @@ def lmo(
     if norm == "spectral":
         s = spec.factor(G.size(-2), G.size(-1), opts["scale"])
         return orthogonalize(
-            G, opts["steps"], opts["coefficients"], opts["eps"], out, scale=-radius * s, backend=backend
+            G, opts["steps"], opts["coefficients"], opts["eps"], out,
+            compute_dtype=opts["compute_dtype"], scale=-radius * s, backend=backend,
         )
     if resolve_backend(backend, G) == "triton" and spec.mode != "direction":
         from .kernels import lmo as lmo_kernels

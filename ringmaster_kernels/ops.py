@@ -154,7 +154,9 @@ def lmo_step_(
         grads: same shapes; any float dtype; non-contiguous ones are copied first.
         momenta: fp32 state of the same shapes, contiguous, updated in place.
         norm: a name in ``norms.KNOWN``; ``**options`` are its options (spectral:
-            ``scale``, ``steps``, ``coefficients``, ``eps``).
+            ``scale``, ``steps``, ``coefficients``, ``eps``, ``compute_dtype``: the
+            Newton–Schulz iteration dtype, None for the device default, bf16 on CUDA
+            and fp32 on CPU; ``torch.bfloat16`` on CPU is torch.optim.Muon's math).
         lr, weight_decay: finite reals. beta: in [0, 1]. radius: finite, >= 0.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (``$RINGMASTER_BACKEND`` applies
             for ``"auto"``). On Triton the whole list is a few launches: sign is one
@@ -188,14 +190,21 @@ def lmo_step_(
             return
         from .kernels import lmo as lmo_kernels
 
+        direction_dtype = torch.float32
         if norm == "spectral":
+            compute = opts["compute_dtype"] or reference.default_compute_dtype(params[0].device)
+            # u is written straight in bf16 when the iteration is bf16 (same range as fp32,
+            # so nothing overflows before the normalization); fp16 keeps an fp32 buffer.
+            if compute == torch.bfloat16:
+                direction_dtype = compute
+
             def direction(buf: torch.Tensor) -> None:
-                orthogonalize(buf, opts["steps"], opts["coefficients"], opts["eps"], out=buf, backend=backend)
+                orthogonalize(buf, opts["steps"], opts["coefficients"], opts["eps"], out=buf,
+                              compute_dtype=compute, backend=backend)
         else:
             def direction(buf: torch.Tensor) -> None:
                 buf.copy_(reference.lmo(buf, norm).neg_())
         lmo_kernels.lmo_step_(
             params, grads, momenta, spec, **hyper, scale=opts.get("scale", "none"),
-            direction=direction,
-            direction_dtype=reference.default_compute_dtype(params[0].device) if norm == "spectral" else torch.float32,
+            direction=direction, direction_dtype=direction_dtype,
         )

@@ -44,16 +44,17 @@ def orthogonalize(
     """
     sched = schedule(coefficients, steps)
     dtype = compute_dtype or default_compute_dtype(G.device)
-    X = (G.float() * inverse_norm(G, sched.safety, eps)).to(dtype)
+    X = (G.float() * inverse_norm(G, sched.safety, eps)).to(dtype).reshape(G.shape[:-2].numel(), *G.shape[-2:])
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation so A = X X^T is the small Gram matrix
         X = X.mT
     for a, b, c in sched.triples:
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
-    if tall:
-        X = X.mT
+        # baddbmm rounds each polynomial once, as the kernels' fp32 epilogues and
+        # torch.optim.Muon's addmm do; separate ops would round (in bf16) 3-4 times.
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = (X.mT if tall else X).reshape(G.shape)
     if scale != 1.0 or beta != 0.0:  # combine in (at least) fp32, rounding once into G's dtype
         wide = torch.promote_types(X.dtype, torch.float32)
         X = scale * X.to(wide)
@@ -109,8 +110,8 @@ def spectral_factor(rows: int, cols: int, scale: str) -> float:
     raise ValueError(f"scale must be one of ('none', 'scion', 'muon'), got {scale!r}")
 
 
-def _lmo_spectral(X, G, radius, scale, steps, coefficients, eps):
-    D = orthogonalize(G, steps, coefficients, eps).to(X.dtype)
+def _lmo_spectral(X, G, radius, scale, steps, coefficients, eps, compute_dtype):
+    D = orthogonalize(G, steps, coefficients, eps, compute_dtype=compute_dtype).to(X.dtype)
     return D * (-radius * spectral_factor(G.size(-2), G.size(-1), scale))
 
 
@@ -163,14 +164,16 @@ def lmo(
     steps: int = 5,
     coefficients: Coefficients = "polar_express",
     eps: float = 1e-7,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``argmin_{||Z|| <= radius} <G, Z>`` in G's shape and dtype; see ``norms.lmo``.
 
-    The keyword options only matter for ``"spectral"`` (its Newton–Schulz and scale).
+    The keyword options only matter for ``"spectral"`` (its Newton–Schulz, the
+    iteration's ``compute_dtype``, and the scale).
     """
     X = _wide(G)
     if norm == "spectral":
-        D = _lmo_spectral(X, G, radius, scale, steps, coefficients, eps)
+        D = _lmo_spectral(X, G, radius, scale, steps, coefficients, eps, compute_dtype)
     else:
         D = _LMO[norm](X, radius)
     return D.to(G.dtype)
@@ -232,10 +235,24 @@ def lmo_step_(
 
     ``m <- beta m + (1 - beta) g`` (fp32), ``u = beta m + (1 - beta) g`` (Nesterov) or
     ``u = m``, then ``x <- (1 - lr wd) x + lr lmo(u)``, rounded once into x's dtype.
+
+    Spectral directions of same-shape tensors are computed by one ``lmo`` call on their
+    stack (one batched Newton–Schulz per shape, as the kernels do): a stack of matrices
+    is a batch of independent units, so the result is the per-tensor one.
     """
-    for x, g, m in zip(params, grads, momenta):
+    us = []
+    for g, m in zip(grads, momenta):
         g32 = g.to(m.dtype)
-        m.mul_(beta).add_(g32, alpha=1.0 - beta)
-        u = beta * m + (1.0 - beta) * g32 if nesterov else m
-        d = lmo(u, norm, radius, **options)
-        x.copy_(_wide(x) * (1.0 - lr * weight_decay) + lr * d)
+        m.lerp_(g32, 1.0 - beta)  # beta m + (1 - beta) g in one pass over m (this is the CPU path)
+        us.append(g32.lerp(m, beta) if nesterov else m)
+    if norm == "spectral":
+        by_shape: dict[torch.Size, list[int]] = {}
+        for i, u in enumerate(us):
+            by_shape.setdefault(u.shape, []).append(i)
+        directions: dict[int, torch.Tensor] = {}
+        for idx in by_shape.values():
+            directions.update(zip(idx, lmo(torch.stack([us[i] for i in idx]), norm, radius, **options)))
+    else:  # a stack of 1-D tensors would be one unit for sign/l2/l1: these stay per tensor
+        directions = dict(enumerate(lmo(u, norm, radius, **options) for u in us))
+    for i, x in enumerate(params):
+        x.copy_(torch.add(_wide(x) * (1.0 - lr * weight_decay), directions[i], alpha=lr))

@@ -1,5 +1,9 @@
-"""Smoke test of ``ringmaster bench optim``: it runs, reports every contestant and sane ratios."""
+"""Smoke test of ``ringmaster bench optim``: it runs, reports every contestant, sane ratios,
+and rows that claim the same math as torch.optim.Muon land as close to float64 as it does."""
 import json
+
+import pytest
+import torch
 
 from ringmaster_kernels.cli import main
 from ringmaster_kernels.commands.bench_optim import hidden_shapes
@@ -11,12 +15,27 @@ def test_nanochat_like_shapes():
     assert sum(r * c for r, c in shapes) == 12 * 12 * 768 ** 2  # 4 d^2 attention + 8 d^2 MLP per layer
 
 
-def test_bench_optim_json(capsys):
+@pytest.fixture
+def keep_threads():
+    """--threads sets torch's process-wide thread count; give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_optim_json(capsys, keep_threads):
     assert main(["bench", "optim", "--model", "tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1",
-                 "--no-compile", "--json"]) == 0
+                 "--no-compile", "--threads", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     tiny = out["models"]["tiny"]
-    assert set(tiny["times"]) == {"ours", "torch_muon"}
+    assert set(tiny["times"]) == {"ours", "torch_muon", "ours_fp32_ns"}
     assert all(t["median_s"] > 0 for t in tiny["times"].values())
-    assert tiny["ratios"]["torch_muon/ours"] > 0
-    assert out["machine"]["device"] == "cpu"
+    assert set(tiny["ratios"]) == {"torch_muon/ours", "ours_fp32_ns/ours", "torch_muon/ours_fp32_ns"}
+    assert all(r > 0 for r in tiny["ratios"].values())
+    assert out["machine"]["device"] == "cpu" and out["threads"] == 1
+    # Same math: ours (bf16 Newton–Schulz) sits at torch.optim.Muon's bf16 distance from
+    # float64, and fp32 Newton–Schulz far closer; a wrong scale or schedule would be >> 0.1.
+    near = tiny["agreement"]
+    assert 1e-3 < near["torch_muon"] < 0.05
+    assert near["ours"] == pytest.approx(near["torch_muon"], rel=0.5)
+    assert near["ours_fp32_ns"] < 1e-4

@@ -1,15 +1,24 @@
 """``ringmaster bench optim``: one Muon step on NanoChat-like hidden matrices.
 
-Three contestants do the same math (Nesterov momentum 0.95, quintic Newton–Schulz with 5
-steps, ``max(1, rows/cols)^0.5`` scale, decoupled weight decay) on the same matrices:
+The contestants do the same math (Nesterov momentum 0.95, quintic Newton–Schulz with 5
+steps iterated in bf16, ``max(1, rows/cols)^0.5`` scale, decoupled weight decay) on the
+same matrices:
 
-- ``ours``: :class:`ringmaster_kernels.optim.Gluon` (``ops.lmo_step_``: Triton on CUDA,
-  the torch twin on CPU), with its default non-finite check;
+- ``ours``: :class:`ringmaster_kernels.optim.Gluon` with ``ns_dtype=torch.bfloat16``
+  (``ops.lmo_step_``: Triton on CUDA, the torch twin on CPU, one batched Newton–Schulz
+  per shape either way), with its default non-finite check;
 - ``torch_muon``: ``torch.optim.Muon`` (a Python loop per parameter; bf16 Newton–Schulz
   on every device);
-- ``compiled_twin``: ``torch.compile`` of the plain-torch twin ``reference.lmo_step_``.
+- ``compiled_twin``: ``torch.compile`` of the plain-torch twin ``reference.lmo_step_``
+  (bf16 Newton–Schulz).
 
-Ratios are the baseline's median time over ours (> 1: ours is faster), from one run.
+One more row is not the same math: ``ours_fp32_ns``, Gluon iterating in fp32 (the CPU
+default; on CUDA the default is bf16, i.e. ``ours``).
+
+Ratios are a baseline's median time over ours (> 1: ours is faster), from one run;
+``torch_muon/ours_fp32_ns`` compares torch.optim.Muon with the fp32 row. ``agreement`` is
+each optimizer row's relative Frobenius distance, for one step's update from the same
+start, to that update in float64: rows doing the same math sit at the same distance.
 """
 from __future__ import annotations
 
@@ -40,48 +49,81 @@ def hidden_shapes(depth: int, width: int) -> list[tuple[int, int]]:
     return block * depth
 
 
+def _tensors(shapes, device, dtype):
+    """Parameters with gradients, the same on every call."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) / s[1] ** 0.5).to(device, dtype)) for s in shapes]
+    for p, s in zip(params, shapes):
+        p.grad = torch.randn(s, generator=gen).to(device, dtype)
+    return params
+
+
+def _gluon(shapes, device, dtype, ns_dtype, backend="auto"):
+    from ..optim import Gluon
+
+    return Gluon(_tensors(shapes, device, dtype), lr=HYPER["lr"], momentum=HYPER["momentum"], nesterov=True,
+                 weight_decay=HYPER["weight_decay"], ns_coefficients="quintic", ns_dtype=ns_dtype,
+                 norm_options={"scale": "muon"}, backend=backend)
+
+
+def _optimizers(shapes, device, dtype):
+    """name -> make(): a fresh optimizer over fresh ``_tensors``, for the optimizer rows."""
+    import torch
+
+    def gluon(ns_dtype):
+        return lambda: _gluon(shapes, device, dtype, ns_dtype)
+
+    def torch_muon():
+        return torch.optim.Muon(_tensors(shapes, device, dtype), lr=HYPER["lr"], momentum=HYPER["momentum"],
+                                nesterov=True, weight_decay=HYPER["weight_decay"])
+
+    return {"ours": gluon(torch.bfloat16), "torch_muon": torch_muon, "ours_fp32_ns": gluon(torch.float32)}
+
+
 def _contestants(shapes, device, dtype, compile_twin: bool):
     """name -> (make, step): ``make()`` builds fresh params/grads/state, ``step(obj)`` runs one step."""
     import torch
 
     from .. import reference
-    from ..optim import Gluon
 
-    def tensors():
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        params = [torch.nn.Parameter((torch.randn(s, generator=gen) / s[1] ** 0.5).to(device, dtype)) for s in shapes]
-        for p, s in zip(params, shapes):
-            p.grad = torch.randn(s, generator=gen).to(device, dtype)
-        return params
+    out = {name: (make, lambda opt: opt.step()) for name, make in _optimizers(shapes, device, dtype).items()}
+    if compile_twin:
+        def twin(params, grads, momenta):
+            reference.lmo_step_(params, grads, momenta, norm="spectral", lr=HYPER["lr"], beta=HYPER["momentum"],
+                                nesterov=True, weight_decay=HYPER["weight_decay"], radius=1.0,
+                                scale="muon", steps=5, coefficients="quintic", compute_dtype=torch.bfloat16)
 
-    def make_ours():
-        params = tensors()
-        return Gluon(params, lr=HYPER["lr"], momentum=HYPER["momentum"], nesterov=True,
-                     weight_decay=HYPER["weight_decay"], ns_coefficients="quintic", norm_options={"scale": "muon"})
+        compiled = torch.compile(twin)
 
-    def make_torch():
-        return torch.optim.Muon(tensors(), lr=HYPER["lr"], momentum=HYPER["momentum"], nesterov=True,
-                                weight_decay=HYPER["weight_decay"])
+        def make_twin():
+            params = _tensors(shapes, device, dtype)
+            return ([p.detach() for p in params], [p.grad for p in params],
+                    [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params])
 
-    def twin(params, grads, momenta):
-        reference.lmo_step_(params, grads, momenta, norm="spectral", lr=HYPER["lr"], beta=HYPER["momentum"],
-                            nesterov=True, weight_decay=HYPER["weight_decay"], radius=1.0,
-                            scale="muon", steps=5, coefficients="quintic")
-
-    compiled = torch.compile(twin) if compile_twin else None
-
-    def make_twin():
-        params = tensors()
-        return ([p.detach() for p in params], [p.grad for p in params],
-                [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params])
-
-    out = {
-        "ours": (make_ours, lambda opt: opt.step()),
-        "torch_muon": (make_torch, lambda opt: opt.step()),
-    }
-    if compiled is not None:
         out["compiled_twin"] = (make_twin, lambda state: compiled(*state))
     return out
+
+
+def _first_update(opt) -> "torch.Tensor":
+    """One step's update of every parameter, flattened, in fp64 on the CPU."""
+    import torch
+
+    params = opt.param_groups[0]["params"]
+    before = [p.detach().double().cpu().clone() for p in params]  # clone: fp64 CPU params would alias
+    opt.step()
+    return torch.cat([(p.detach().double().cpu() - b).flatten() for p, b in zip(params, before)])
+
+
+def _agreement(shapes, device, dtype) -> dict[str, float]:
+    """Relative distance of each optimizer row's first update from the float64 one (the CPU
+    twin iterating in fp64): rows doing the same math land at the same distance."""
+    import torch
+
+    exact = _first_update(_gluon(shapes, "cpu", torch.float64, torch.float64, backend="torch"))
+    return {name: float((_first_update(make()) - exact).norm() / exact.norm())
+            for name, make in _optimizers(shapes, device, dtype).items()}
 
 
 def _measure(make, step, device, warmup, repeats):
@@ -102,14 +144,16 @@ def _measure(make, step, device, warmup, repeats):
 
 
 def _table(result: dict) -> str:
-    lines = [f"bench optim on {result['machine']['device']} ({result['dtype']} params)"]
+    lines = [f"bench optim on {result['machine']['device']} ({result['dtype']} params, {result['threads']} threads)"]
     for model, r in result["models"].items():
         lines.append(f"  {model}: {r['matrices']} matrices, {r['parameters'] / 1e6:.1f}M parameters")
         for name, t in r["times"].items():
-            shown = f"{t['median_s'] * 1e3:10.2f} ms" if "median_s" in t else t["skipped"]
+            shown = f"{t['median_s'] * 1e3:10.2f} ms (min {t['min_s'] * 1e3:.2f})" if "median_s" in t else t["skipped"]
             lines.append(f"    {name:14s} {shown}")
         for name, ratio in r["ratios"].items():
             lines.append(f"    {name:28s} {ratio:6.2f}x")
+        for name, rel in r["agreement"].items():
+            lines.append(f"    {name + ' vs float64':28s} {rel:.2e} relative")
     return "\n".join(lines)
 
 
@@ -135,14 +179,19 @@ def run(args: argparse.Namespace) -> int:
             name: _measure(make, step, device, args.warmup, args.repeats)
             for name, (make, step) in _contestants(shapes, device, dtype, not args.no_compile).items()
         }
-        ours = times["ours"].get("median_s")
+        pairs = [(name, "ours") for name in times if name != "ours"] + [("torch_muon", "ours_fp32_ns")]
         ratios = {
-            f"{name}/ours": t["median_s"] / ours
-            for name, t in times.items() if name != "ours" and ours and "median_s" in t
+            f"{base}/{mine}": times[base]["median_s"] / times[mine]["median_s"]
+            for base, mine in pairs if "median_s" in times[base] and "median_s" in times[mine]
         }
+        try:
+            agreement = _agreement(shapes, device, dtype)
+        except torch.OutOfMemoryError:
+            agreement = {}
         result["models"][model] = {
             "depth_width": MODELS[model], "matrices": len(shapes),
             "parameters": sum(r * c for r, c in shapes), "times": times, "ratios": ratios,
+            "agreement": agreement,
         }
     emit(result, args.json, _table)
     return 0

@@ -33,7 +33,7 @@ NONFINITE_POLICIES = ("skip", "raise", "ignore")
 MOMENTUM = "momentum_buffer"  # fp32 for every parameter dtype, as ops.lmo_step_ requires
 
 # Group keys that feed a norm option when the catalogue entry declares it.
-_NS_KEYS = {"ns_steps": "steps", "ns_coefficients": "coefficients"}
+_NS_KEYS = {"ns_steps": "steps", "ns_coefficients": "coefficients", "ns_dtype": "compute_dtype"}
 
 
 def _label(group: dict[str, Any], gi: int, pi: int, p: torch.Tensor) -> str:
@@ -81,12 +81,9 @@ class LMOStateMixin:
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for g in grads:
             by_device[g.device].append(g)
-        # max|g| is NaN or inf exactly when some entry is, and cannot overflow the way a
+        # Extremes are NaN or inf exactly when some entry is, and cannot overflow the way a
         # 2-norm of large finite fp16 values would.
-        finite = all(
-            bool(torch.isfinite(torch.stack(torch._foreach_norm(gs, math.inf))).all())
-            for gs in by_device.values()
-        )
+        finite = all(bool(torch.isfinite(_extremes(gs)).all()) for gs in by_device.values())
         if finite:
             return True
         if self.nonfinite == "raise":
@@ -115,6 +112,15 @@ class LMOStateMixin:
         self.skipped_steps = int(skipped)
 
 
+def _extremes(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Values that are all finite exactly when every entry of ``grads`` (one device) is."""
+    if grads[0].device.type == "cpu":
+        # CPU's _foreach_norm(inf) is a slow generic loop; min and max (NaN-propagating) of
+        # each tensor, in one read and without an abs() copy, are several times faster
+        return torch.stack([torch.stack(torch.aminmax(g)) for g in grads if g.numel() > 0] or [torch.zeros(2)])
+    return torch.stack(torch._foreach_norm(grads, math.inf))  # max |g|: one fused launch on CUDA
+
+
 def _collect_grads(param_groups: Iterable[dict[str, Any]], owner: str) -> list[torch.Tensor]:
     """Every present gradient, in group order; rejects sparse gradients by name."""
     grads = []
@@ -133,9 +139,10 @@ def _collect_grads(param_groups: Iterable[dict[str, Any]], owner: str) -> list[t
 
 def norm_options(group: dict[str, Any]) -> dict[str, Any]:
     """The options ``norms.lmo`` gets for a group: ``norm_options`` plus the Newton–Schulz
-    settings, the latter only for norms whose catalogue entry takes them."""
+    settings, the latter only for norms whose catalogue entry takes them (and only keys the
+    group has: a checkpoint saved before ``ns_dtype`` existed loads with the default)."""
     accepted = norms.get(group["norm"]).options
-    opts = {opt: group[key] for key, opt in _NS_KEYS.items() if opt in accepted}
+    opts = {opt: group[key] for key, opt in _NS_KEYS.items() if opt in accepted and key in group}
     opts.update(group["norm_options"] or {})
     return opts
 
@@ -156,6 +163,10 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         weight_decay: decoupled decay: ``x <- (1 - lr * weight_decay) x`` before the
             update (1.0 gives Scion's constrained step).
         ns_steps, ns_coefficients: Newton–Schulz settings, for norms that take them.
+        ns_dtype: dtype the Newton–Schulz iteration runs in (``compute_dtype`` of
+            ``ops.orthogonalize``); None: bf16 on CUDA, fp32 on CPU. ``torch.bfloat16``
+            on CPU is ``torch.optim.Muon``'s math, and faster on CPUs with native bf16
+            dot products (benchmarks/RESULTS.md); fp32 is closer to the exact polar factor.
         norm_options: other options of the norm, e.g. ``{"scale": "muon"}`` for
             spectral (see ``norms``).
         L0, L1: give both (>= 0, not both 0) to use ``t = ||g||_* / (L0 + L1 ||g||_*)``.
@@ -186,13 +197,14 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         *,
         nonfinite: str = "skip",
         backend: str | None = "auto",
+        ns_dtype: torch.dtype | None = None,
     ) -> None:
         self._init_guard(nonfinite)
         self.backend = backend
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, norm=norm, radius=radius,
             weight_decay=weight_decay, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-            L0=L0, L1=L1, norm_options=norm_options,
+            ns_dtype=ns_dtype, L0=L0, L1=L1, norm_options=norm_options,
         )
         super().__init__(params, defaults)
 
@@ -292,6 +304,9 @@ def _check_hyper(group: dict[str, Any], where: str) -> None:
 def _check_group(group: dict[str, Any], gi: int) -> None:
     where = f"param_groups[{gi}]"
     _check_hyper(group, where)
+    if group.get("ns_dtype") is not None and not (isinstance(group["ns_dtype"], torch.dtype)
+                                                  and group["ns_dtype"].is_floating_point):
+        raise TypeError(f"{where}: ns_dtype must be None or a floating torch.dtype, got {group['ns_dtype']!r}")
     try:
         spec = norms.get(group["norm"])
         if group["norm_options"] is not None and not isinstance(group["norm_options"], dict):

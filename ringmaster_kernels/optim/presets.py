@@ -99,6 +99,7 @@ def muon_groups(
     weight_decay: float = 0.0,
     ns_steps: int = 5,
     ns_coefficients: Any = "polar_express",
+    ns_dtype: torch.dtype | None = None,
     adamw_lr: float = 3e-4,
     adamw_betas: tuple[float, float] = (0.9, 0.95),
     adamw_eps: float = 1e-8,
@@ -111,14 +112,17 @@ def muon_groups(
     Hidden matrices get one Gluon group with ``norm="spectral"``, radius 1 and the norm's
     ``scale="muon"`` (``max(1, rows / cols) ** 0.5``, Keller Jordan's), so the step is
     ``x <- (1 - lr wd) x - lr max(1, rows/cols)^0.5 NS(u)``. Embeddings, head, biases
-    and gains get AdamW groups. Pass the result to :class:`GluonAdamW`.
+    and gains get AdamW groups. ``ns_dtype`` is the Newton–Schulz iteration dtype (None:
+    bf16 on CUDA, fp32 on CPU; ``torch.bfloat16`` is ``torch.optim.Muon``'s math on every
+    device). Pass the result to :class:`GluonAdamW`.
     """
     roles = _classify(model, head)
     groups = []
     if roles["hidden"]:
         groups.append(_group("hidden", "gluon", roles["hidden"], norm="spectral", radius=1.0,
                              norm_options={"scale": "muon"}, lr=lr, momentum=momentum, nesterov=nesterov,
-                             weight_decay=weight_decay, ns_steps=ns_steps, ns_coefficients=ns_coefficients))
+                             weight_decay=weight_decay, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
+                             ns_dtype=ns_dtype))
     adamw = dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay)
     groups += [_group(role, "adamw", roles[role], **adamw) for role in ("embedding", "head", "vector") if roles[role]]
     return _apply_overrides(groups, overrides)
@@ -137,6 +141,7 @@ def scion_groups(
     vector_radius: float = 1.0,
     ns_steps: int = 5,
     ns_coefficients: Any = "polar_express",
+    ns_dtype: torch.dtype | None = None,
     head: str | Iterable[str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
@@ -150,12 +155,13 @@ def scion_groups(
 
     ``momentum`` is beta of the EMA (Scion's ``momentum=0.1`` is beta 0.9).
     ``constrained`` gives Scion's ``x <- (1 - lr) x + lr lmo(m)`` (weight_decay 1), else
-    the unconstrained ``x <- x + lr lmo(m)``. Defaults follow Scion's nanoGPT example.
+    the unconstrained ``x <- x + lr lmo(m)``. Defaults follow Scion's nanoGPT example;
+    ``ns_dtype`` is the hidden layers' Newton–Schulz dtype, as in :func:`muon_groups`.
     Every group is of kind "gluon": pass the result to :class:`Gluon` or :class:`GluonAdamW`.
     """
     roles = _classify(model, head)
     common = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=1.0 if constrained else 0.0,
-                  ns_steps=ns_steps, ns_coefficients=ns_coefficients)
+                  ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype)
     groups = []
     if roles["hidden"]:
         groups.append(_group("hidden", "gluon", roles["hidden"], norm="spectral", radius=radius,
