@@ -15,11 +15,9 @@
 
 #include <atomic>
 #include <chrono>
-#include <algorithm>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -92,68 +90,60 @@ class Deadline {
   Clock::time_point at_;
 };
 
-// Event count with wake-one. A sleeper registers (prepare_wait) before its last
-// check of the condition and sleeps only if that check fails. A notifier that
-// publishes its change with a seq_cst store (or a release store and a seq_cst
+// Event count. A sleeper registers and takes a ticket (the epoch) before its last
+// check of the condition, and sleeps only while the epoch is unchanged. A notifier
+// that publishes its change with a seq_cst store (or a release store and a seq_cst
 // fence) and then reads `waiters_` with a seq_cst load cannot miss a sleeper that
 // registered (seq_cst) before re-checking: the store/load (Dekker) pairing under
 // the single total order of seq_cst.
 //
-// notify(n) turns up to n registrations into signals and wakes that many sleepers,
-// so one freed slot wakes one producer instead of all of them. Every thread leaving
-// (woken, timed out or satisfied before sleeping) takes a signal if there is one,
-// else its registration: waiters_ + signals_ always equals the threads between
-// prepare_wait and leaving, so no signal is stranded and none is lost.
+// A notify wakes every registered sleeper and zeroes the count, so a burst of
+// notifies costs one wake-up per round of sleepers, not one system call each.
+// Every sleeper woken re-checks its condition: a wake-one scheme with anonymous
+// counts lets one thread take the wake-up another one needed (a lost wake-up this
+// code once had), and the spin-and-yield phase of wait_for keeps herds rare.
 class Waiter {
  public:
-  void prepare_wait() {
+  std::uint64_t prepare_wait() {
     std::lock_guard<std::mutex> lock(mutex_);
     waiters_.fetch_add(1, std::memory_order_seq_cst);
+    return epoch_;
   }
-  void cancel_wait() {
+  void cancel_wait(std::uint64_t ticket) {
     std::lock_guard<std::mutex> lock(mutex_);
-    leave();
+    unregister(ticket);
   }
-  // Sleeps until signalled or the deadline; the caller re-checks its condition.
-  void wait(Deadline deadline) {
+  // Sleeps until a notify after `ticket`, or the deadline; the caller re-checks.
+  void wait(std::uint64_t ticket, Deadline deadline) {
     std::unique_lock<std::mutex> lock(mutex_);
     if (deadline.forever()) {
-      cv_.wait(lock, [&] { return signals_ > 0; });
+      cv_.wait(lock, [&] { return epoch_ != ticket; });
     } else {
-      cv_.wait_until(lock, deadline.at(), [&] { return signals_ > 0; });
+      cv_.wait_until(lock, deadline.at(), [&] { return epoch_ != ticket; });
     }
-    leave();
+    unregister(ticket);
   }
-  void notify(std::uint64_t n) {
+  void notify_all() {
     if (waiters_.load(std::memory_order_seq_cst) == 0) return;
-    std::uint64_t woken;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      woken = std::min<std::uint64_t>(n, waiters_.load(std::memory_order_relaxed));
-      waiters_.fetch_sub(woken, std::memory_order_relaxed);
-      signals_ += woken;
+      if (waiters_.load(std::memory_order_relaxed) == 0) return;
+      waiters_.store(0, std::memory_order_relaxed);
+      ++epoch_;
     }
-    if (woken == 1) {
-      cv_.notify_one();
-    } else if (woken > 1) {
-      cv_.notify_all();
-    }
+    cv_.notify_all();
   }
-  void notify_all() { notify(std::numeric_limits<std::uint64_t>::max()); }
 
  private:
-  void leave() {  // under mutex_
-    if (signals_ > 0) {
-      --signals_;
-    } else {
-      waiters_.fetch_sub(1, std::memory_order_relaxed);
-    }
+  // Under mutex_: a registration not yet cleared by a notify is withdrawn.
+  void unregister(std::uint64_t ticket) {
+    if (epoch_ == ticket) waiters_.fetch_sub(1, std::memory_order_relaxed);
   }
 
   alignas(kCacheLine) std::atomic<std::uint64_t> waiters_{0};
   alignas(kCacheLine) std::mutex mutex_;
   std::condition_variable cv_;
-  std::uint64_t signals_ = 0;
+  std::uint64_t epoch_ = 0;
 };
 
 // Before a blocking call sleeps it spins briefly (catches a partner a few hundred
@@ -181,19 +171,19 @@ bool wait_for(Waiter& waiter, Deadline deadline, Attempt&& attempt) {
   }
   for (;;) {
     if (deadline.expired()) return false;
-    waiter.prepare_wait();
+    const std::uint64_t ticket = waiter.prepare_wait();
     bool done;
     try {
       done = attempt();
     } catch (...) {
-      waiter.cancel_wait();
+      waiter.cancel_wait(ticket);
       throw;
     }
     if (done) {
-      waiter.cancel_wait();
+      waiter.cancel_wait(ticket);
       return true;
     }
-    waiter.wait(deadline);
+    waiter.wait(ticket, deadline);
   }
 }
 
@@ -396,7 +386,7 @@ class GradientQueue {
         std::this_thread::yield();
       }
     }
-    slots_waiter_.notify(1);
+    slots_waiter_.notify_all();
   }
 
   // ---- producers -------------------------------------------------------------
@@ -416,7 +406,7 @@ class GradientQueue {
     });
     if (done) {
       pushed_[record.worker].value.fetch_add(1, std::memory_order_relaxed);
-      records_waiter_.notify(1);
+      records_waiter_.notify_all();
     }
     return done;
   }
@@ -548,7 +538,7 @@ class GradientQueue {
     std::size_t n = 0;
     switch (records_.try_pop(out, max_n, n)) {
       case Ring<Record>::Status::kOk:
-        space_waiter_.notify(n);
+        space_waiter_.notify_all();
         return n;
       case Ring<Record>::Status::kClosed:
         throw QueueClosed();

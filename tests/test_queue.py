@@ -1,0 +1,446 @@
+"""The C++ gradient queue: semantics, bad input, close/drain, staleness, threads, GIL."""
+from __future__ import annotations
+
+import _thread
+import json
+import math
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ringmaster_kernels.queue import GradientQueue, QueueClosed, Record, stress, wakeup_latencies_us
+
+U64_MAX = 2**64 - 1
+
+
+def filled(q: GradientQueue, items: list[tuple[int, int]]) -> list[int]:
+    """Pushes (worker, version) pairs, one acquired slot each; returns the slots."""
+    slots = []
+    for worker, version in items:
+        slot = q.acquire_slot(timeout=0)
+        assert slot is not None
+        assert q.push(slot, worker, version)
+        slots.append(slot)
+    return slots
+
+
+# ---- construction and bad input ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, exc, name",
+    [
+        ((3, 4, 1), ValueError, "capacity"),
+        ((0, 4, 1), ValueError, "capacity"),
+        ((-8, 4, 1), ValueError, "capacity"),
+        ((2**41, 4, 1), ValueError, "capacity"),
+        ((8.0, 4, 1), TypeError, "capacity"),
+        ((True, 4, 1), TypeError, "capacity"),
+        ((8, 0, 1), ValueError, "num_slots"),
+        ((8, -1, 1), ValueError, "num_slots"),
+        ((8, 2**31 + 1, 1), ValueError, "num_slots"),
+        ((8, "4", 1), TypeError, "num_slots"),
+        ((8, 4, 0), ValueError, "num_workers"),
+        ((8, 4, 2**64), ValueError, "num_workers"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(args, exc, name):
+    with pytest.raises(exc, match=name):
+        GradientQueue(*args)
+
+
+def test_constructor_keywords_properties_and_repr():
+    q = GradientQueue(capacity=8, num_slots=5, num_workers=3)
+    assert (q.capacity, q.num_slots, q.num_workers, q.free_slots, len(q)) == (8, 5, 3, 5, 0)
+    assert q.version == 0 and not q.closed
+    assert repr(q) == "GradientQueue(capacity=8, num_slots=5, num_workers=3)"
+    GradientQueue(np.int64(4), np.int32(2), 1)  # anything with __index__ works
+
+
+def test_bad_push_and_release_arguments_name_the_argument():
+    q = GradientQueue(4, 3, 2)
+    slot = q.acquire_slot()
+    cases = [
+        ((slot, 2, 0), ValueError, "worker"),
+        ((slot, -1, 0), ValueError, "worker"),
+        ((3, 0, 0), ValueError, "slot"),
+        ((slot, 0, -1), ValueError, "version"),
+        ((slot, 0, 2**64), ValueError, "version"),
+        ((slot, 0, 1.5), TypeError, "version"),
+        ((None, 0, 0), TypeError, "slot"),
+    ]
+    for args, exc, name in cases:
+        for push in (q.push, q.try_push):
+            with pytest.raises(exc, match=name):
+                push(*args)
+    free = next(s for s in range(3) if s != slot)
+    with pytest.raises(ValueError, match="slot .* is free"):
+        q.push(free, 0, 0)
+    assert q.stats()["pushed"] == 0 and len(q) == 0  # nothing slipped in
+    with pytest.raises(ValueError, match="slot"):
+        q.release_slot(3)
+    with pytest.raises(ValueError, match="slot"):
+        q.release_slot(-1)
+    q.release_slot(slot)
+    with pytest.raises(ValueError, match="double release"):
+        q.release_slot(slot)
+    assert q.free_slots == 3
+
+
+@pytest.mark.parametrize(
+    "call, exc, name",
+    [
+        (lambda q: q.pop(timeout=-1), ValueError, "timeout"),
+        (lambda q: q.pop(timeout=math.nan), ValueError, "timeout"),
+        (lambda q: q.pop(timeout="1"), TypeError, "timeout"),
+        (lambda q: q.acquire_slot(timeout=-0.5), ValueError, "timeout"),
+        (lambda q: q.pop_fresh(0), ValueError, "max_delay"),
+        (lambda q: q.pop_fresh(-1), ValueError, "max_delay"),
+        (lambda q: q.pop_many(0), ValueError, "max_n"),
+        (lambda q: q.pop_many(2**30), ValueError, "max_n"),
+        (lambda q: q.set_version(-1), ValueError, "version"),
+        (lambda q: q.pop(timeot=1), TypeError, "timeot"),
+        (lambda q: q.push(0, 0), TypeError, "version"),
+        (lambda q: q.push(0, 0, 0, 1, 2), TypeError, "at most"),
+        (lambda q: q.push(0, 0, 0, slot=0), TypeError, "multiple values"),
+    ],
+)
+def test_bad_call_arguments(call, exc, name):
+    with pytest.raises(exc, match=name):
+        call(GradientQueue(4, 2, 1))
+
+
+# ---- single-thread semantics ---------------------------------------------------
+
+
+def test_records_come_out_fifo_with_their_fields():
+    q = GradientQueue(8, 8, 3)
+    items = [(2, 7), (0, 2**40), (1, U64_MAX), (2, 0), (0, 1)]
+    slots = filled(q, items)
+    assert len(q) == 5
+    for slot, (worker, version) in zip(slots, items):
+        rec = q.pop(timeout=0)
+        assert isinstance(rec, Record)
+        assert (rec.slot, rec.worker, rec.version) == (slot, worker, version)
+        assert tuple(rec) == (slot, worker, version) and rec[2] == version
+    assert q.try_pop() is None and q.pop(timeout=0.01) is None and q.pop_many(4, timeout=0) == []
+
+
+def test_record_is_a_picklable_tuple():
+    q = GradientQueue(2, 1, 1)
+    filled(q, [(0, 5)])
+    rec = q.pop()
+    assert rec == (0, 0, 5) and isinstance(rec, tuple)
+    assert pickle.loads(pickle.dumps(rec)) == rec
+    slot, worker, version = rec
+    assert Record((slot, worker, version)) == rec
+
+
+def test_slot_pool_exhaustion_and_reuse():
+    q = GradientQueue(4, 3, 1)
+    slots = {q.acquire_slot(timeout=0) for _ in range(3)}
+    assert slots == {0, 1, 2} and q.free_slots == 0
+    assert q.acquire_slot(timeout=0) is None
+    assert q.acquire_slot(timeout=0.01) is None
+    q.release_slot(1)
+    assert q.acquire_slot(timeout=0) == 1
+
+
+def test_full_ring_edges():
+    q = GradientQueue(4, 8, 1)
+    filled(q, [(0, v) for v in range(4)])
+    slot = q.acquire_slot()
+    assert not q.try_push(slot, 0, 4)
+    assert not q.push(slot, 0, 4, timeout=0.01)
+    assert q.pop().version == 0
+    assert q.try_push(slot, 0, 4)
+    assert [r.version for r in q.pop_many(10)] == [1, 2, 3, 4]
+    # The ring wraps many times without losing order.
+    for v in range(100):
+        assert q.try_push(slot, 0, v) and q.try_pop().version == v
+
+
+def test_pop_many_takes_what_is_ready_up_to_max_n():
+    q = GradientQueue(16, 16, 2)
+    filled(q, [(v % 2, v) for v in range(10)])
+    first = q.pop_many(4)
+    assert [r.version for r in first] == [0, 1, 2, 3]
+    rest = q.pop_many(100, timeout=0)
+    assert [r.version for r in rest] == list(range(4, 10))
+    assert q.stats()["per_worker"] == [{"pushed": 5, "popped": 5, "discarded": 0}] * 2
+
+
+def test_version_counter():
+    q = GradientQueue(2, 1, 1)
+    assert q.bump_version() == 1 and q.bump_version() == 2 and q.version == 2
+    q.set_version(U64_MAX)
+    assert q.version == U64_MAX
+    q.set_version(7)
+    assert q.version == 7
+
+
+def test_stats_account_for_every_record():
+    q = GradientQueue(8, 8, 3)
+    filled(q, [(0, 0), (1, 0), (1, 0), (2, 5), (0, 5)])
+    q.set_version(5)
+    assert q.pop_fresh(3) == Record((3, 2, 5))  # three stale ones discarded on the way
+    s = q.stats()
+    assert (s["pushed"], s["popped"], s["discarded"], s["queued"]) == (5, 1, 3, 1)
+    assert s["pushed"] == s["popped"] + s["discarded"] + s["queued"]
+    assert s["free_slots"] == 8 - 5 + 3 and s["version"] == 5
+    assert s["per_worker"] == [
+        {"pushed": 2, "popped": 0, "discarded": 1},
+        {"pushed": 2, "popped": 0, "discarded": 2},
+        {"pushed": 1, "popped": 1, "discarded": 0},
+    ]
+
+
+# ---- staleness -----------------------------------------------------------------
+
+operation = st.one_of(
+    st.tuples(st.just("push"), st.integers(0, 2), st.integers(0, 6)),  # worker, versions back
+    st.tuples(st.just("bump"), st.integers(1, 3)),
+    st.tuples(st.just("set"), st.integers(0, 20)),
+    st.tuples(st.just("pop_fresh"), st.integers(1, 5)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(operation, max_size=60))
+def test_pop_fresh_classifies_exactly_against_a_model(ops):
+    """Records with known versions against a moving version counter: every record
+    is returned iff version - record.version < max_delay at the time it is met."""
+    q = GradientQueue(64, 64, 3)
+    model: deque[tuple[int, int, int]] = deque()
+    version, discarded, returned = 0, [0, 0, 0], [0, 0, 0]
+    for op in ops:
+        if op[0] == "push":
+            _, worker, back = op
+            slot = q.acquire_slot(timeout=0)
+            rec_version = max(0, version - back)
+            assert q.try_push(slot, worker, rec_version)
+            model.append((slot, worker, rec_version))
+        elif op[0] == "bump":
+            for _ in range(op[1]):
+                version += 1
+                assert q.bump_version() == version
+        elif op[0] == "set":
+            version = op[1]  # may go backwards: records from the "future" have delay 0
+            q.set_version(version)
+        else:
+            max_delay = op[1]
+            expected = None
+            while model:
+                slot, worker, v = model.popleft()
+                if max(0, version - v) < max_delay:
+                    expected = (slot, worker, v)
+                    returned[worker] += 1
+                    break
+                discarded[worker] += 1
+            got = q.pop_fresh(max_delay, timeout=0)
+            assert (None if got is None else tuple(got)) == expected
+            if got is not None:
+                q.release_slot(got.slot)
+    stats = q.stats()
+    assert [w["discarded"] for w in stats["per_worker"]] == discarded
+    assert [w["popped"] for w in stats["per_worker"]] == returned
+    assert stats["queued"] == len(model) and stats["free_slots"] == 64 - len(model)
+
+
+# ---- close / drain ---------------------------------------------------------------
+
+
+def test_close_rejects_producers_and_drains_consumers():
+    q = GradientQueue(8, 8, 1)
+    slots = filled(q, [(0, 1), (0, 2), (0, 3), (0, 4)])
+    spare = q.acquire_slot()
+    q.close()
+    q.close()  # idempotent
+    assert q.closed
+    assert issubclass(QueueClosed, RuntimeError)
+    for produce in (lambda: q.push(spare, 0, 9), lambda: q.try_push(spare, 0, 9), q.acquire_slot):
+        with pytest.raises(QueueClosed):
+            produce()
+    assert q.pop().version == 1
+    assert [r.version for r in q.pop_many(2)] == [2, 3]
+    assert q.pop_fresh(100).version == 4
+    for consume in (q.pop, q.try_pop, lambda: q.pop_many(3), lambda: q.pop_fresh(1), lambda: q.pop(timeout=0)):
+        with pytest.raises(QueueClosed):
+            consume()
+    for slot in slots + [spare]:
+        q.release_slot(slot)  # a draining server can still recycle slots
+    assert q.free_slots == 8
+
+
+def run_blocked(target) -> tuple[threading.Thread, list]:
+    """Starts target() in a thread; returns the thread and [result or exception]."""
+    out: list = []
+
+    def body():
+        try:
+            out.append(target())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("blocked", ["pop", "pop_fresh", "pop_many", "acquire_slot", "push_full"])
+def test_close_wakes_every_kind_of_waiter(blocked):
+    q = GradientQueue(2, 4, 1)
+    if blocked == "acquire_slot":
+        [q.acquire_slot() for _ in range(4)]
+        call = q.acquire_slot
+    elif blocked == "push_full":
+        filled(q, [(0, 0), (0, 1)])
+        slot = q.acquire_slot()
+        call = lambda: q.push(slot, 0, 2)  # noqa: E731
+    else:
+        call = {"pop": q.pop, "pop_fresh": lambda: q.pop_fresh(1), "pop_many": lambda: q.pop_many(8)}[blocked]
+    t, out = run_blocked(call)
+    time.sleep(0.05)
+    assert t.is_alive() and not out  # really blocked
+    q.close()
+    t.join(5)
+    assert not t.is_alive()
+    assert len(out) == 1 and isinstance(out[0], QueueClosed)
+
+
+def test_blocked_pop_wakes_on_push_and_releases_the_gil():
+    q = GradientQueue(4, 4, 1)
+    t, out = run_blocked(q.pop)
+    ticks = 0
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:  # pure-Python work: needs the GIL
+        ticks += 1
+    assert t.is_alive() and not out
+    assert ticks > 10_000
+    filled(q, [(0, 42)])
+    t.join(5)
+    assert out and out[0].version == 42
+
+
+def test_ctrl_c_interrupts_an_endless_wait():
+    q = GradientQueue(2, 1, 1)
+    threading.Timer(0.2, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        q.pop()
+
+
+# ---- threads ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("consumer", ["pop", "pop_many"])
+def test_python_threads_lose_and_duplicate_nothing(consumer):
+    producers, per_producer = 4, 2_000
+    q = GradientQueue(capacity=16, num_slots=8, num_workers=producers)
+
+    def produce(worker: int) -> None:
+        for i in range(per_producer):
+            q.push(q.acquire_slot(), worker, i)
+
+    seen: list[list[int]] = [[] for _ in range(producers)]
+
+    def consume() -> None:
+        try:
+            while True:
+                batch = [q.pop()] if consumer == "pop" else q.pop_many(5)
+                for rec in batch:
+                    seen[rec.worker].append(rec.version)
+                    q.release_slot(rec.slot)
+        except QueueClosed:
+            pass
+
+    threads = [threading.Thread(target=produce, args=(w,)) for w in range(producers)]
+    server = threading.Thread(target=consume)
+    server.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    q.close()
+    server.join(60)
+    assert seen == [list(range(per_producer))] * producers  # all there, once, in order
+    s = q.stats()
+    assert s["pushed"] == s["popped"] == producers * per_producer and s["free_slots"] == 8
+
+
+def test_cpp_stress_8_producers_million_records_each():
+    result = stress(producers=8, records_per_producer=1_000_000)
+    assert result["ok"], result
+    assert result["expected"] == result["received"] == 8_000_000
+    assert result["lost"] == result["duplicated"] == result["out_of_order"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(producers=4, consumers=3, batch=16, capacity=64, num_slots=32),
+        dict(producers=3, max_delay=2, capacity=32, num_slots=16),
+        dict(producers=2, capacity=1, num_slots=1),
+    ],
+)
+def test_cpp_stress_other_modes(kwargs):
+    result = stress(records_per_producer=100_000, **kwargs)
+    assert result["ok"], result
+    assert result["received"] + result["discarded"] == result["expected"]
+    if "max_delay" in kwargs:
+        assert result["discarded"] > 0  # the moving version really made records stale
+
+
+def test_stress_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="consumers"):
+        stress(records_per_producer=10, consumers=2, max_delay=3)
+    with pytest.raises(ValueError, match="capacity"):
+        stress(records_per_producer=10, capacity=3)
+    with pytest.raises(ValueError, match="producers"):
+        stress(producers=-1)
+
+
+def test_wakeup_latencies_are_measured():
+    lat = wakeup_latencies_us(samples=10, idle_s=0.001)
+    assert len(lat) == 10 and all(x > 0 and math.isfinite(x) for x in lat)
+    with pytest.raises(ValueError, match="samples"):
+        wakeup_latencies_us(samples=0)
+
+
+# ---- packaging and the bench command ----------------------------------------------
+
+
+def test_missing_extension_says_how_to_build_it():
+    code = (
+        "import sys; sys.modules['ringmaster_kernels._queue'] = None\n"
+        "try:\n    import ringmaster_kernels.queue\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "ringmaster_kernels._queue is not built" in out and "make install" in out
+
+
+def test_bench_queue_prints_one_json_object(capsys):
+    from ringmaster_kernels.cli import main
+
+    argv = ["bench", "queue", "--json", "--records", "20000", "--pairs", "2000", "--repeats", "1", "--wakeups", "5"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in (
+        "cpp_1p1c_records_per_s",
+        "cpp_4p1c_records_per_s",
+        "py_push_pop_pairs_per_s",
+        "py_pop_many_records_per_s",
+        "simplequeue_pairs_per_s",
+        "queue_pairs_per_s",
+        "wakeup_latency_us_median",
+        "device",
+    ):
+        assert key in result
+    assert all(result[k] > 0 for k in result if k.endswith("_per_s"))
