@@ -43,8 +43,8 @@ HEAD 92d63d4):
   ``torch.compile``-fused: on GPU it costs a few extra elementwise passes per group.
 - AdamW groups step through ``torch.optim.AdamW`` (fused), the same update up to
   rounding; a bf16 parameter's AdamW moments stay bf16 there (NanoChat computes in fp32).
-- Distributed: gradients are all-reduced (sum / world size, so Gloo works) and every
-  rank runs the whole step; NanoChat shards the step and the optimizer state ZeRO-2 style.
+- Distributed: gradients are all-reduced in place (sum / world size, so Gloo works) and
+  every rank runs the whole step; NanoChat shards the step and the optimizer state ZeRO-2 style.
   Parameters end identical on every rank; per-rank compute and state memory are higher.
 - A non-finite gradient skips the whole step by default (``nonfinite``); NanoChat applies it.
 - Muon state lives under the group's first parameter as in NanoChat (``momentum_buffer``
@@ -191,22 +191,19 @@ class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
         return loss
 
     def _average(self, grads: list[torch.Tensor]) -> None:
-        """All-reduce every gradient to the mean over ranks, one flat buffer per (device, dtype).
+        """All-reduce every gradient, in place, to the mean over ranks.
 
-        SUM then divide, because Gloo has no AVG reduction."""
+        One asynchronous all-reduce per tensor (no flat copy, so no extra gradient-sized
+        memory), all in flight together; SUM then divide, because Gloo has no AVG."""
         if not (dist.is_available() and dist.is_initialized()):
             return
         world = dist.get_world_size(self.process_group)
-        if world == 1:
+        if world == 1 or not grads:
             return
-        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for g in grads:
-            buckets.setdefault((g.device, g.dtype), []).append(g)
-        for gs in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in gs])
-            dist.all_reduce(flat, group=self.process_group)
-            flat.div_(world)
-            torch._foreach_copy_(gs, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in gs]), gs)])
+        works = [dist.all_reduce(g, group=self.process_group, async_op=True) for g in grads]
+        for work in works:
+            work.wait()
+        torch._foreach_div_(grads, float(world))
 
     def _muon_step(self, group: dict[str, Any], gi: int) -> None:
         where = f"param_groups[{gi}]"
