@@ -100,12 +100,12 @@ def _plan(args, ex):
 
 
 def _runner(n_procs: int, label: str):
-    """A job runner for the experiments module: tqdm on stderr, worker processes if n_procs > 1."""
+    """Run ``(method, params, seed)`` jobs: tqdm on stderr, worker processes if n_procs > 1."""
     import os
 
     from tqdm import tqdm
 
-    def run_jobs(exp, jobs, stop_at_target=False):
+    def run_jobs(exp, jobs):
         procs = min(len(jobs), n_procs or os.cpu_count() or 1)
         if procs <= 1:
             traces = []
@@ -113,14 +113,14 @@ def _runner(n_procs: int, label: str):
                 with tqdm(total=math.ceil(exp.horizon), desc=f"{label} {method}", unit="t", file=sys.stderr, leave=False) as bar:
                     def progress(t: float, bar=bar) -> None:
                         bar.update(int(t) - bar.n)
-                    traces.append(exp.run(method, params, seed=seed, stop_at_target=stop_at_target, progress=progress))
+                    traces.append(exp.run(method, params, seed=seed, progress=progress))
             return traces
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # spawn, not fork: the parent has used torch's thread pools, which do not survive fork
         with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, exp, m, p, s, stop_at_target) for m, p, s in jobs]
+            futures = [pool.submit(_run_one, exp, m, p, s) for m, p, s in jobs]
             with tqdm(total=len(jobs), desc=label, unit="run", file=sys.stderr) as bar:
                 for _ in as_completed(futures):
                     bar.update(1)
@@ -129,8 +129,8 @@ def _runner(n_procs: int, label: str):
     return run_jobs
 
 
-def _run_one(exp, method, params, seed, stop_at_target):
-    return exp.run(method, params, seed=seed, stop_at_target=stop_at_target)
+def _run_one(exp, method, params, seed):
+    return exp.run(method, params, seed=seed)
 
 
 def _quadratic(args, ex, exp, methods, params, overridden) -> int:
@@ -138,7 +138,14 @@ def _quadratic(args, ex, exp, methods, params, overridden) -> int:
 
     tuning = None
     if args.tune:
-        tuning = ex.tune(exp, methods, seed=args.tune_seed, runner=_runner(args.jobs, "tune"))
+        from tqdm import tqdm
+
+        total = sum(len(ex.grid_for(m)) for m in methods)
+        with tqdm(total=total, desc="tune", unit="run", file=sys.stderr) as bar:
+            def progress(label: str) -> None:
+                bar.set_postfix_str(label)
+                bar.update(1)
+            tuning = ex.tune(exp, methods, seed=args.tune_seed, progress=progress)
         for m in methods:
             params[m] = tuning[m]["best"]
         overridden = True

@@ -180,37 +180,33 @@ def score(exp: QuadraticExperiment, trace: Trace) -> tuple[float, float]:
     return (math.inf if t is None else t, final if math.isfinite(final) else math.inf)
 
 
-Job = tuple[str, dict, int]  # (method, params, seed)
-
-
-def run_sequential(exp: QuadraticExperiment, jobs: list[Job], stop_at_target: bool = False) -> list[Trace]:
-    """Run jobs one after the other (the default runner of :func:`tune`)."""
-    return [exp.run(m, p, seed=s, stop_at_target=stop_at_target) for m, p, s in jobs]
-
-
 def tune(
     exp: QuadraticExperiment,
     methods: tuple[str, ...] = METHOD_ORDER,
     *,
     seed: int = TUNE_SEED,
-    runner: Callable[[QuadraticExperiment, list[Job], bool], list[Trace]] = run_sequential,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Grid-search every method on ``seed``: ``{method: {"best": params, "grid": [rows]}}``.
 
-    A row is ``{"params", "time_to_target" (None if never), "final"}``; runs stop at
-    the target (a run cannot improve its time after it). ``runner`` may run the jobs in
-    parallel; the result does not depend on it.
+    A row is ``{"params", "time_to_target" (None if not reached), "final"}``. Runs stop at
+    the target, and once some step size reached it, later runs also stop at the best time
+    so far (they cannot beat it), so a hopeless run costs little. Largest step sizes go
+    first: they reach the target soonest when they reach it at all.
     """
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
-        grid = grid_for(method)
-        traces = runner(exp, [(method, params, seed) for params in grid], True)
         rows = []
-        for params, trace in zip(grid, traces):
+        best_time = math.inf
+        for params in sorted(grid_for(method), key=lambda p: -p["lr"]):
+            if progress is not None:
+                progress(f"{method} {params}")
+            trace = exp.run(method, params, seed=seed, stop_at_target=True, horizon=min(exp.horizon, best_time))
             t, final = score(exp, trace)
+            best_time = min(best_time, t)
             rows.append({"params": params, "time_to_target": None if math.isinf(t) else t, "final": final})
-        best = min(zip(rows, traces), key=lambda rt: score(exp, rt[1]))[0]
-        out[method] = {"best": best["params"], "grid": rows}
+        best = min(rows, key=lambda r: (math.inf if r["time_to_target"] is None else r["time_to_target"], r["final"]))
+        out[method] = {"best": best["params"], "grid": sorted(rows, key=lambda r: r["params"]["lr"])}
     return out
 
 
