@@ -50,11 +50,11 @@ def launch(world: int, argv: list[str], tmp_path) -> list[tuple[int, str]]:
             log.close()
 
 
-def test_gloo_server_and_two_heterogeneous_workers_survive_a_killed_worker(tmp_path):
+def test_gloo_server_two_heterogeneous_workers_cancels_and_a_killed_worker(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--distributed", "--methods", "ringmaster", "--time", "5", "--out", str(out),
             "--d-model", "16", "--layers", "1", "--heads", "2", "--seq-len", "16", "--batch-size", "4",
-            "--corpus-bytes", "100000", "--profile", "linear", "--tau", "0.02", "--lr", "0.05",
+            "--corpus-bytes", "100000", "--profile", "linear", "--tau", "0.02", "--lr", "0.05", "--threshold", "2",
             "--fault", "1:kill@8", "--log-every", "100", "--eval-every", "100"]
     (rc0, log0), (rc1, log1), (rc2, log2) = launch(3, argv, tmp_path)
     assert rc2 == -signal.SIGKILL, log2
@@ -63,10 +63,12 @@ def test_gloo_server_and_two_heterogeneous_workers_survive_a_killed_worker(tmp_p
     assert "worker 1 dead" in log0 and "the run continues" in log0
     summary = json.loads((out / "summary.json").read_text())["methods"]["ringmaster"]
     fast, killed = summary["per_worker"]
-    assert killed["status"] == "dead" and killed["pushed"] == 8
+    assert killed["status"] == "dead" and killed["pushed"] + killed["cancelled"] == 8 and killed["jobs"] == 9
     assert fast["status"] == "stopped" and "RemoteWorker(rank=1" in fast["body"]
     assert fast["pushed"] > 2 * killed["pushed"]  # it kept training alone after the kill
     assert summary["stop_reason"] == "max_time"
+    # R = 2 against a worker half as fast: remote jobs get cancelled mid-flight (stops variant)
+    assert summary["totals"]["cancelled"] >= 1
     assert summary["accounting_ok"]
     assert summary["updates"] == summary["totals"]["accepted"] > 16
     assert summary["final_loss"] < summary["initial_loss"] - 0.5

@@ -8,19 +8,23 @@ receives the gradient back, then pushes the record into the same queue. The serv
 the policy cannot tell a remote worker from a local one.
 
 Protocol, per job, on the (0, r) pair: rank 0 sends a header ``[JOB, version, job index]``
-(float64) and the flat parameters; rank r answers ``[loss]`` and the flat gradient. A
-header ``[EXIT, 0, 0]`` ends rank r's loop. A rank that dies breaks its pair's next
-send/recv; its proxy thread raises, the trainer reports the worker dead and the run goes on.
+(float64) and the flat parameters; rank r answers ``[loss, cancelled]`` and, unless the
+job was cancelled, the flat gradient. Cancellations (the stops variant) travel on their
+own tag: ``[cancel_before]`` from the server thread, read on rank r by a listener thread
+that the job checks between micro-steps and while it sleeps. A header ``[EXIT, 0, 0]``
+(and ``[-1]`` on the cancel tag, for the listener) ends rank r's loop. A rank that dies
+breaks its pair's next send/recv; its proxy thread raises, the trainer reports the worker
+dead and the run goes on.
 
-Limits: a remote job cannot be cancelled mid-flight (its gradient arrives and the policy
-judges it, so the stops variant degrades to discarding on arrival for remote workers);
-remote data streams are not checkpointed.
+Limit: remote data streams are not checkpointed.
 """
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -29,6 +33,7 @@ import torch.distributed as dist
 from .trainer import FlatLayout, Job, LocalWorker, param_layout
 
 JOB, EXIT = 1.0, 0.0
+CANCEL_TAG = 1  # jobs and answers use tag 0
 
 
 def init_from_env(timeout_s: float = 120.0) -> tuple[int, int]:
@@ -66,10 +71,10 @@ class RemoteWorker:
         self.trainer, self.worker = trainer, worker
 
     def setup(self) -> None:
-        self.reply = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self.reply = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.grad = torch.empty(self.trainer.layout.numel, device=self.device)
 
-    def compute(self, job: Job) -> tuple[torch.Tensor, float]:
+    def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
         if job.ready is not None:
             torch.cuda.current_stream().wait_event(job.ready)
         header = torch.tensor([JOB, job.version, job.index], dtype=torch.float64, device=self.device)
@@ -77,9 +82,21 @@ class RemoteWorker:
         dist.send(job.params.to(self.device), dst=self.rank)
         dist.recv(self.reply, src=self.rank)
         job.beat()
+        loss, cancelled = self.reply.tolist()
+        if cancelled:
+            return None
         dist.recv(self.grad, src=self.rank)
         job.beat()
-        return self.grad, float(self.reply[0])
+        return self.grad, loss
+
+    def interrupt(self, cancel_before: int) -> None:
+        """Cancel the remote job if it started at a version below ``cancel_before``
+        (called by the server thread while :meth:`compute` waits in the proxy thread)."""
+        message = torch.tensor([float(cancel_before)], dtype=torch.float64, device=self.device)
+        try:
+            dist.send(message, dst=self.rank, tag=CANCEL_TAG)
+        except RuntimeError:
+            pass  # a dead peer: the proxy thread's pending recv reports it
 
     def state_dict(self) -> dict:
         return {}
@@ -92,12 +109,55 @@ def send_exit(ranks: list[int]) -> list[int]:
     """Tell each rank's worker loop to end; returns the ranks that could not be told."""
     failed = []
     header = torch.tensor([EXIT, 0.0, 0.0], dtype=torch.float64, device=comm_device())
+    stop_listener = torch.tensor([-1.0], dtype=torch.float64, device=comm_device())
     for rank in ranks:
         try:
             dist.send(header, dst=rank)
+            dist.send(stop_listener, dst=rank, tag=CANCEL_TAG)
         except Exception:  # a dead peer breaks the pair; nothing else to do for it
             failed.append(rank)
     return failed
+
+
+class _CancelListener:
+    """Worker-rank thread receiving cancellation thresholds from rank 0 (monotone)."""
+
+    def __init__(self, device: torch.device):
+        self.before = 0
+        self.signal = threading.Event()
+        self._buf = torch.zeros(1, dtype=torch.float64, device=device)
+        self._thread = threading.Thread(target=self._listen, name="ringmaster-cancel-listener", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while True:
+            dist.recv(self._buf, src=0, tag=CANCEL_TAG)
+            value = self._buf.item()
+            if value < 0:
+                return
+            self.before = max(self.before, int(value))
+            self.signal.set()
+
+    def job(self, worker: int, index: int, version: int, params: torch.Tensor) -> Job:
+        """A :class:`Job` whose ``cancelled``/``sleep_until`` follow this listener."""
+        self.signal.clear()
+
+        def cancelled() -> bool:
+            return version < self.before
+
+        def sleep_until(deadline: float) -> bool:
+            while not cancelled():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                if self.signal.wait(remaining):
+                    self.signal.clear()
+            return False
+
+        return Job(worker, index, version, params, None, cancelled=cancelled, beat=lambda: None, sleep_until=sleep_until)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
 
 
 class _WorkerContext:
@@ -121,18 +181,22 @@ def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | No
     body.setup()
     header = torch.zeros(3, dtype=torch.float64, device=device)
     params = torch.empty(layout.numel, device=device)
+    listener = _CancelListener(device)
     sent = 0
     while True:
         dist.recv(header, src=0)
         if header[0].item() == EXIT:
+            listener.join(timeout=10.0)
             return sent
         version, index = int(header[1].item()), int(header[2].item())
         dist.recv(params, src=0)
         if kill_at_job is not None and index == kill_at_job:
             os.kill(os.getpid(), signal.SIGKILL)
-        job = Job(worker, index, version, params, None, cancelled=lambda: False, beat=lambda: None,
-                  sleep_until=lambda deadline: time.sleep(max(0.0, deadline - time.monotonic())) or True)
-        grad, loss = body.compute(job)
-        dist.send(torch.tensor([loss], dtype=torch.float64, device=device), dst=0)
+        result = body.compute(listener.job(worker, index, version, params))
+        if result is None:
+            dist.send(torch.tensor([math.nan, 1.0], dtype=torch.float64, device=device), dst=0)
+            continue
+        grad, loss = result
+        dist.send(torch.tensor([loss, 0.0], dtype=torch.float64, device=device), dst=0)
         dist.send(grad.to(device), dst=0)
         sent += 1

@@ -153,7 +153,13 @@ class Job:
 
 
 class WorkerBody(Protocol):
-    """How one worker produces gradients; the trainer's thread loop is shared."""
+    """How one worker produces gradients; the trainer's thread loop is shared.
+
+    ``compute`` returns ``(flat gradient, loss)``, or ``None`` for a job abandoned
+    because ``job.cancelled()`` became true. A body that computes out of this process
+    may also define ``interrupt(cancel_before)``: the server calls it when the running
+    job is cancelled (local bodies see ``job.cancelled()`` and wake from ``sleep_until``).
+    """
 
     device: torch.device
 
@@ -655,6 +661,9 @@ class AsyncTrainer:
                     self._cancel_below[i] = decision.cancel_before
                     if ws.phase == RUNNING and ws.job_version < decision.cancel_before:
                         ws.wake.set()
+                        interrupt = getattr(self.workers[i], "interrupt", None)
+                        if interrupt is not None:  # a body computing elsewhere must be told
+                            interrupt(decision.cancel_before)
         # Answers go last and outside the busy clock: a woken worker thread asks for the
         # GIL at once, and what the server then waits is other threads' Python time.
         if started is not None:
