@@ -2,7 +2,7 @@
 
 Gradients never travel through the queue: they sit in a pool of ``num_slots``
 preallocated slots owned by the server, and the queue carries small records
-``Record(slot, worker, version)``::
+``Record(slot, worker, version)`` (a namedtuple of ints)::
 
     q = GradientQueue(capacity=1024, num_slots=64, num_workers=4)
     # worker i

@@ -141,7 +141,8 @@ def test_record_is_a_picklable_tuple():
     assert rec == (0, 0, 5) and isinstance(rec, tuple)
     assert pickle.loads(pickle.dumps(rec)) == rec
     slot, worker, version = rec
-    assert Record((slot, worker, version)) == rec
+    assert Record(slot=slot, worker=worker, version=version) == rec
+    assert Record._fields == ("slot", "worker", "version")
 
 
 def test_slot_pool_exhaustion_and_reuse():
@@ -191,7 +192,7 @@ def test_stats_account_for_every_record():
     q = GradientQueue(8, 8, 3)
     filled(q, [(0, 0), (1, 0), (1, 0), (2, 5), (0, 5)])
     q.set_version(5)
-    assert q.pop_fresh(3) == Record((3, 2, 5))  # three stale ones discarded on the way
+    assert q.pop_fresh(3) == Record(3, 2, 5)  # three stale ones discarded on the way
     s = q.stats()
     assert (s["pushed"], s["popped"], s["discarded"], s["queued"]) == (5, 1, 3, 1)
     assert s["pushed"] == s["popped"] + s["discarded"] + s["queued"]
