@@ -52,7 +52,7 @@ def launch(world: int, argv: list[str], tmp_path) -> list[tuple[int, str]]:
 
 def test_gloo_server_two_heterogeneous_workers_cancels_and_a_killed_worker(tmp_path):
     out = tmp_path / "run"
-    argv = ["train", "--distributed", "--methods", "ringmaster", "--time", "5", "--out", str(out),
+    argv = ["train", "--distributed", "--methods", "ringmaster,sync", "--time", "4", "--out", str(out),
             "--d-model", "16", "--layers", "1", "--heads", "2", "--seq-len", "16", "--batch-size", "4",
             "--corpus-bytes", "100000", "--profile", "linear", "--tau", "0.02", "--lr", "0.05", "--threshold", "2",
             "--fault", "1:kill@8", "--log-every", "100", "--eval-every", "100"]
@@ -61,7 +61,8 @@ def test_gloo_server_two_heterogeneous_workers_cancels_and_a_killed_worker(tmp_p
     assert rc0 == 0, log0
     assert rc1 == 0, log1  # the surviving worker was told to exit
     assert "worker 1 dead" in log0 and "the run continues" in log0
-    summary = json.loads((out / "summary.json").read_text())["methods"]["ringmaster"]
+    methods = json.loads((out / "summary.json").read_text())["methods"]
+    summary = methods["ringmaster"]
     fast, killed = summary["per_worker"]
     assert killed["status"] == "dead" and killed["pushed"] + killed["cancelled"] == 8 and killed["jobs"] == 9
     assert fast["status"] == "stopped" and "RemoteWorker(rank=1" in fast["body"]
@@ -72,6 +73,11 @@ def test_gloo_server_two_heterogeneous_workers_cancels_and_a_killed_worker(tmp_p
     assert summary["accounting_ok"]
     assert summary["updates"] == summary["totals"]["accepted"] > 16
     assert summary["final_loss"] < summary["initial_loss"] - 0.5
+    # the next method's trainer finds rank 2 dead at once and syncs on rank 1 alone; its
+    # versions restart at 0, which must not trip the first method's cancel thresholds
+    sync = methods["sync"]
+    assert [w["status"] for w in sync["per_worker"]] == ["stopped", "dead"]
+    assert sync["totals"]["cancelled"] == 0 and sync["updates"] > 10 and sync["accounting_ok"]
 
 
 def test_bad_arguments():

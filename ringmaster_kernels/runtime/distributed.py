@@ -7,12 +7,14 @@ takes the published parameters, but instead of computing sends them to its rank 
 receives the gradient back, then pushes the record into the same queue. The server and
 the policy cannot tell a remote worker from a local one.
 
-Protocol, per job, on the (0, r) pair: rank 0 sends a header ``[JOB, version, job index]``
-(float64) and the flat parameters; rank r answers ``[loss, cancelled]`` and, unless the
-job was cancelled, the flat gradient. Cancellations (the stops variant) travel on their
-own tag: ``[cancel_before]`` from the server thread, read on rank r by a listener thread
-that the job checks between micro-steps and while it sleeps. A header ``[EXIT, 0, 0]``
-(and ``[-1]`` on the cancel tag, for the listener) ends rank r's loop. A rank that dies
+Protocol, per job, on the (0, r) pair: rank 0 sends a header ``[JOB, version, job index,
+session]`` (float64) and the flat parameters; rank r answers ``[loss, cancelled]`` and,
+unless the job was cancelled, the flat gradient. Cancellations (the stops variant) travel
+on their own tag: ``[session, cancel_before]`` from the server thread, read on rank r by a
+listener thread that the job checks between micro-steps and while it sleeps. Versions
+restart with every trainer (one per method), hence the session: a new one voids older
+thresholds. A header ``[EXIT, 0, 0, 0]`` (and ``[-1, 0]`` on the cancel tag, for the
+listener) ends rank r's loop. A rank that dies
 breaks its pair's next send/recv; its proxy thread raises, the trainer reports the worker
 dead and the run goes on.
 
@@ -21,6 +23,7 @@ Limit: remote data streams are not checkpointed.
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import os
 import signal
@@ -34,6 +37,7 @@ from .trainer import FlatLayout, Job, LocalWorker, param_layout
 
 JOB, EXIT = 1.0, 0.0
 CANCEL_TAG = 1  # jobs and answers use tag 0
+_sessions = itertools.count(1)  # one per RemoteWorker, increasing across trainers
 
 
 def init_from_env(timeout_s: float = 120.0) -> tuple[int, int]:
@@ -63,6 +67,7 @@ class RemoteWorker:
             raise ValueError(f"rank must be an int >= 1 (rank 0 is the server), got {rank!r}")
         self.rank = rank
         self.device = comm_device()
+        self.session = next(_sessions)
 
     def __repr__(self) -> str:
         return f"RemoteWorker(rank={self.rank}, device={str(self.device)!r})"
@@ -77,7 +82,7 @@ class RemoteWorker:
     def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
         if job.ready is not None:
             torch.cuda.current_stream().wait_event(job.ready)
-        header = torch.tensor([JOB, job.version, job.index], dtype=torch.float64, device=self.device)
+        header = torch.tensor([JOB, job.version, job.index, self.session], dtype=torch.float64, device=self.device)
         dist.send(header, dst=self.rank)
         dist.send(job.params.to(self.device), dst=self.rank)
         dist.recv(self.reply, src=self.rank)
@@ -92,7 +97,7 @@ class RemoteWorker:
     def interrupt(self, cancel_before: int) -> None:
         """Cancel the remote job if it started at a version below ``cancel_before``
         (called by the server thread while :meth:`compute` waits in the proxy thread)."""
-        message = torch.tensor([float(cancel_before)], dtype=torch.float64, device=self.device)
+        message = torch.tensor([self.session, cancel_before], dtype=torch.float64, device=self.device)
         try:
             dist.send(message, dst=self.rank, tag=CANCEL_TAG)
         except RuntimeError:
@@ -108,8 +113,8 @@ class RemoteWorker:
 def send_exit(ranks: list[int]) -> list[int]:
     """Tell each rank's worker loop to end; returns the ranks that could not be told."""
     failed = []
-    header = torch.tensor([EXIT, 0.0, 0.0], dtype=torch.float64, device=comm_device())
-    stop_listener = torch.tensor([-1.0], dtype=torch.float64, device=comm_device())
+    header = torch.tensor([EXIT, 0.0, 0.0, 0.0], dtype=torch.float64, device=comm_device())
+    stop_listener = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=comm_device())
     for rank in ranks:
         try:
             dist.send(header, dst=rank)
@@ -120,30 +125,34 @@ def send_exit(ranks: list[int]) -> list[int]:
 
 
 class _CancelListener:
-    """Worker-rank thread receiving cancellation thresholds from rank 0 (monotone)."""
+    """Worker-rank thread receiving cancellation thresholds from rank 0 (monotone within
+    a session)."""
 
     def __init__(self, device: torch.device):
-        self.before = 0
+        self.session, self.before = 0, 0
         self.signal = threading.Event()
-        self._buf = torch.zeros(1, dtype=torch.float64, device=device)
+        self._buf = torch.zeros(2, dtype=torch.float64, device=device)
         self._thread = threading.Thread(target=self._listen, name="ringmaster-cancel-listener", daemon=True)
         self._thread.start()
 
     def _listen(self) -> None:
         while True:
             dist.recv(self._buf, src=0, tag=CANCEL_TAG)
-            value = self._buf.item()
-            if value < 0:
+            session, before = (int(v) for v in self._buf.tolist())
+            if session < 0:
                 return
-            self.before = max(self.before, int(value))
+            if session > self.session:
+                self.session, self.before = session, before
+            elif session == self.session:
+                self.before = max(self.before, before)
             self.signal.set()
 
-    def job(self, worker: int, index: int, version: int, params: torch.Tensor) -> Job:
+    def job(self, worker: int, index: int, version: int, session: int, params: torch.Tensor) -> Job:
         """A :class:`Job` whose ``cancelled``/``sleep_until`` follow this listener."""
         self.signal.clear()
 
         def cancelled() -> bool:
-            return version < self.before
+            return self.session == session and version < self.before
 
         def sleep_until(deadline: float) -> bool:
             while not cancelled():
@@ -179,7 +188,7 @@ def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | No
     layout, _ = param_layout(task, task.build_model())
     body.bind(_WorkerContext(task, layout, seed), worker)
     body.setup()
-    header = torch.zeros(3, dtype=torch.float64, device=device)
+    header = torch.zeros(4, dtype=torch.float64, device=device)
     params = torch.empty(layout.numel, device=device)
     listener = _CancelListener(device)
     sent = 0
@@ -188,11 +197,11 @@ def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | No
         if header[0].item() == EXIT:
             listener.join(timeout=10.0)
             return sent
-        version, index = int(header[1].item()), int(header[2].item())
+        version, index, session = (int(v) for v in header[1:].tolist())
         dist.recv(params, src=0)
         if kill_at_job is not None and index == kill_at_job:
             os.kill(os.getpid(), signal.SIGKILL)
-        result = body.compute(listener.job(worker, index, version, params))
+        result = body.compute(listener.job(worker, index, version, session, params))
         if result is None:
             dist.send(torch.tensor([math.nan, 1.0], dtype=torch.float64, device=device), dst=0)
             continue
