@@ -14,11 +14,14 @@ on their own tag: ``[session, cancel_before]`` from the server thread, read on r
 listener thread that the job checks between micro-steps and while it sleeps. Versions
 restart with every trainer (one per method), hence the session: a new one voids older
 thresholds. A header ``[EXIT, 0, 0, 0]`` (and ``[-1, 0]`` on the cancel tag, for the
-listener) ends rank r's loop. A rank that dies
-breaks its pair's next send/recv; its proxy thread raises, the trainer reports the worker
-dead and the run goes on.
+listener) ends rank r's loop. A rank that dies breaks its pair's next send/recv; its
+proxy thread raises, the trainer reports the worker dead and the run goes on.
 
-Limit: remote data streams are not checkpointed.
+Limits: remote data streams are not checkpointed; a rank that hangs is dropped by the
+server but its process is left for the launcher to kill. torchrun's agent stops every
+rank it launched as soon as one fails; to keep going past a dead worker, start the ranks
+with the same environment variables but without the agent (as tests/test_distributed.py
+does).
 """
 from __future__ import annotations
 
