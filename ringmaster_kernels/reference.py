@@ -52,7 +52,9 @@ def orthogonalize(
         # baddbmm rounds each polynomial once, as the kernels' fp32 epilogues and
         # torch.optim.Muon's addmm do; separate ops would round (in bf16) 3-4 times.
         A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        # c = 0 (cubic schedules): torch's CPU bf16 baddbmm with alpha=0 returns the
+        # input unscaled, ignoring beta (torch 2.13), so skip the product instead.
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0.0 else b * A
         X = torch.baddbmm(X, B, X, beta=a)
     X = (X.mT if tall else X).reshape(G.shape)
     if scale != 1.0 or beta != 0.0:  # combine in (at least) fp32, rounding once into G's dtype

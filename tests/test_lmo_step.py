@@ -159,6 +159,50 @@ def test_muon_is_spectral_with_muon_scale_and_nesterov(backend, kernel_device):
         torch.testing.assert_close(x, expected, rtol=tol, atol=tol)
 
 
+def test_bf16_newton_schulz_twin_matches_float64_to_bf16():
+    """compute_dtype=bf16 with Muon's settings (torch.optim.Muon's math, on the CPU twin): the
+    step's LMO part is the float64 one to bf16 accuracy; the momentum is untouched by it."""
+    shapes = [(48, 32), (2, 32, 40), (48, 32)]
+    xs, gs, ms = _state(shapes, seed=12)
+    x64, g64, m64 = ([t.double() for t in ts] for ts in (xs, gs, ms))
+    muon = dict(scale="muon", coefficients="quintic")
+    ops.lmo_step_(xs, gs, ms, norm="spectral", nesterov=True, compute_dtype=torch.bfloat16, backend="torch",
+                  **muon, **HYPER)
+    b, lr, decay = HYPER["beta"], HYPER["lr"], 1 - HYPER["lr"] * HYPER["weight_decay"]
+    u = 2.0 ** -8  # bf16 unit roundoff
+    for x, m, x0, g, m0 in zip(xs, ms, x64, g64, m64):
+        m_new = b * m0 + (1 - b) * g
+        step = lr * norms.lmo(b * m_new + (1 - b) * g, "spectral", HYPER["radius"], compute_dtype=torch.float64,
+                              **muon)
+        torch.testing.assert_close(m.double(), m_new, rtol=1e-6, atol=1e-6)
+        rel = float((x.double() - decay * x0 - step).norm() / step.norm())
+        # a few u: rounding is amplified where the polynomial is steep (small singular
+        # values); > 1e-4 shows the iteration did run in bf16
+        assert 1e-4 < rel < 8 * u, rel
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compute_dtype_reaches_newton_schulz_batched_by_shape(backend, monkeypatch, kernel_device):
+    """One Newton–Schulz call per shape on both paths, iterating in the dtype asked for."""
+    calls = []
+    module = reference if backend == "torch" else ops  # the twin calls its own orthogonalize
+    real = module.orthogonalize
+    monkeypatch.setattr(module, "orthogonalize",
+                        lambda G, *a, **k: (calls.append((tuple(G.shape), k.get("compute_dtype"))), real(G, *a, **k))[1])
+    xs, gs, ms = _state(_shapes("spectral"), kernel_device, seed=13)
+    xr, mr = _clone(xs), _clone(ms)
+    ops.lmo_step_(xs, gs, ms, norm="spectral", compute_dtype=torch.float16, backend=backend, **HYPER)
+    assert sorted(calls) == [((1, 2, 6, 9), torch.float16), ((2, 7, 5), torch.float16)]
+    monkeypatch.setattr(module, "orthogonalize", real)
+    ops.lmo_step_(xr, gs, mr, norm="spectral", compute_dtype=torch.float16, backend="torch", **HYPER)
+    tol = 3e-2 * HYPER["lr"] * HYPER["radius"]  # fp16 Newton–Schulz noise on the LMO part
+    for x, x_ref in zip(xs, xr):
+        torch.testing.assert_close(x, x_ref, rtol=tol, atol=tol)
+    x32, m32 = _state(_shapes("spectral"), kernel_device, seed=13)[0::2]
+    ops.lmo_step_(x32, gs, m32, norm="spectral", compute_dtype=torch.float32, backend=backend, **HYPER)
+    assert not all(torch.equal(a, b) for a, b in zip(xs, x32))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_contiguous_grads_are_copied(backend, kernel_device):
     xs, gs, ms = _state([(6, 9), (2, 5, 4)], kernel_device, seed=7)
@@ -229,6 +273,8 @@ def test_bad_input_names_the_argument():
         step(xs, gs, ms, norm="frobenius", **HYPER)
     with pytest.raises(TypeError, match="unexpected option"):
         step(xs, gs, ms, norm="l2", steps=3, **HYPER)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        step(xs, gs, ms, norm="spectral", compute_dtype=torch.int8, **HYPER)
     with pytest.raises(ValueError, match=r"params\[0\] must have shape"):
         step([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], norm="spectral", **HYPER)
 

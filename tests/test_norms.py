@@ -83,6 +83,43 @@ def test_spectral_matches_svd(m, n, scale, factor):
     torch.testing.assert_close(norms.dual_norm(G, "spectral", scale=scale), s * torch.linalg.svdvals(G).sum(-1))
 
 
+@pytest.mark.parametrize("m,n", [(9, 5), (4, 11), (64, 48)])
+def test_spectral_bf16_newton_schulz_matches_svd_to_bf16(m, n):
+    """compute_dtype=bf16 (torch.optim.Muon's math, on the CPU twin): converged Newton–Schulz
+    lands on the SVD polar factor to bf16 accuracy, fp32 to fp32 accuracy."""
+    gen = torch.Generator().manual_seed(9)
+    G, UVt = _well_conditioned(m, n, batch=(2,), gen=gen)
+    G, target = G.float(), -0.7 * UVt
+    cubic = [(1.5, -0.5, 0.0)] * 40  # c = 0 also covers the twin's zero-alpha path
+    u = 2.0 ** -8  # bf16 unit roundoff
+    rel = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        D = norms.lmo(G, "spectral", 0.7, steps=40, coefficients=cubic, compute_dtype=dtype, backend="torch")
+        assert D.dtype == torch.float32
+        rel[dtype] = (D.double() - target).norm(dim=(-2, -1)) / target.norm(dim=(-2, -1))
+        # Polar Express (5 steps) in this dtype: singular values near 1, as in fp32
+        sv = torch.linalg.svdvals(norms.lmo(G, "spectral", compute_dtype=dtype, backend="torch").double())
+        assert sv.min() > 0.85 and sv.max() < 1.15
+    assert (rel[torch.bfloat16] < 4 * u).all(), rel
+    assert (rel[torch.float32] < 1e-5).all(), rel
+    assert (rel[torch.bfloat16] > 10 * rel[torch.float32]).all()  # the option reached the iteration
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compute_dtype_reaches_orthogonalize(backend, monkeypatch, kernel_device):
+    from ringmaster_kernels import ops
+
+    seen, real = [], ops.orthogonalize
+    monkeypatch.setattr(ops, "orthogonalize", lambda G, *a, **k: (seen.append(k["compute_dtype"]), real(G, *a, **k))[1])
+    G = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(10)).to(kernel_device)
+    Z = norms.lmo(G, "spectral", 0.5, compute_dtype=torch.float16, out=poison_like(G), backend=backend)
+    assert seen == [torch.float16]
+    # fp16 iteration: matches the fp16 twin to fp16 noise, and is not the fp32 result
+    torch.testing.assert_close(Z, norms.lmo(G, "spectral", 0.5, compute_dtype=torch.float16, backend="torch"),
+                               rtol=3e-2, atol=3e-2)
+    assert not torch.equal(Z, norms.lmo(G, "spectral", 0.5, compute_dtype=torch.float32, backend=backend))
+
+
 # ---------------------------------------------------------------- identities, as properties
 _dims = st.integers(1, 9)
 
@@ -228,6 +265,11 @@ def test_bad_input_names_the_argument():
         norms.lmo(G, "sign", scale="scion")
     with pytest.raises(ValueError, match="scale must be one of"):
         norms.lmo(G, "spectral", scale="rms")
+    for bad in (torch.int32, "bfloat16"):
+        with pytest.raises(TypeError, match="compute_dtype must be None or one of"):
+            norms.lmo(G, "spectral", compute_dtype=bad)
+    with pytest.raises(TypeError, match="unexpected option.*'compute_dtype'"):
+        norms.lmo(G, "l2", compute_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"G must have shape \(m, n\)"):
         norms.lmo(torch.randn(5), "colnorm")
     with pytest.raises(TypeError, match="G must be a torch.Tensor"):

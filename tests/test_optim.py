@@ -248,7 +248,7 @@ def test_muon_preset_matches_keller_jordan_muon():
         torch.testing.assert_close(p.detach(), r, rtol=0, atol=1e-5)
 
 
-def _muon_vs_torch(ns_coefficients) -> float:
+def _muon_vs_torch(ns_coefficients, ns_dtype=None) -> float:
     """Largest relative difference, over tall/wide/square matrices, of one step vs torch.optim.Muon."""
     torch.manual_seed(2)
     worst = 0.0
@@ -256,7 +256,7 @@ def _muon_vs_torch(ns_coefficients) -> float:
         x0, g = torch.randn(shape), torch.randn(shape)
         a, b = nn.Parameter(x0.clone()), nn.Parameter(x0.clone())
         ours = Gluon([a], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_coefficients=ns_coefficients,
-                     radius=max(1, shape[0] / shape[1]) ** 0.5)
+                     radius=max(1, shape[0] / shape[1]) ** 0.5, ns_dtype=ns_dtype)
         theirs = torch.optim.Muon([b], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1)
         for _ in range(3):
             a.grad, b.grad = g.clone(), g.clone()
@@ -267,11 +267,42 @@ def _muon_vs_torch(ns_coefficients) -> float:
     return worst
 
 
-def test_matches_torch_optim_muon():
-    # torch.optim.Muon always iterates in bf16 (unit roundoff 2^-8); ours in fp32 on CPU.
-    assert _muon_vs_torch("quintic") < 0.03
+@pytest.mark.parametrize("ns_dtype", [None, torch.bfloat16])
+def test_matches_torch_optim_muon(ns_dtype):
+    # torch.optim.Muon always iterates in bf16 (unit roundoff 2^-8); ours in fp32 on CPU by
+    # default, or in bf16 too (then the two carry independent bf16 rounding).
+    assert _muon_vs_torch("quintic", ns_dtype) < 0.03
     # and the comparison can tell a different definition apart
-    assert _muon_vs_torch("polar_express") > 0.1
+    assert _muon_vs_torch("polar_express", ns_dtype) > 0.1
+
+
+def test_bf16_ns_is_torch_optim_muons_math():
+    """ns_dtype=bf16 lands as far from the float64 step as torch.optim.Muon does (same math,
+    same rounding), the fp32 default far closer."""
+    torch.manual_seed(3)
+    shapes = [(48, 32), (32, 48), (40, 40)]
+    x0 = [torch.randn(s) for s in shapes]
+    g = [torch.randn(s) for s in shapes]
+    u = [0.95 * 0.05 * gi.double() + 0.05 * gi.double() for gi in g]  # Nesterov from zero momentum
+    steps = [0.02 * lmo64(ui, "spectral", 1.0, coefficients="quintic", scale="muon") for ui in u]
+
+    def distance(make) -> float:
+        ps = [nn.Parameter(x.clone()) for x in x0]
+        opt = make(ps)
+        for p, gi in zip(ps, g):
+            p.grad = gi.clone()
+        opt.step()
+        return max(float((p.detach().double() - (1 - 0.02 * 0.1) * x.double() - step).norm() / step.norm())
+                   for p, x, step in zip(ps, x0, steps))
+
+    def gluon(ns_dtype):
+        return lambda ps: Gluon(ps, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_coefficients="quintic",
+                                norm_options={"scale": "muon"}, ns_dtype=ns_dtype)
+
+    theirs = distance(lambda ps: torch.optim.Muon(ps, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1))
+    ours_bf16, ours_fp32 = distance(gluon(torch.bfloat16)), distance(gluon(None))
+    assert 0.5 * theirs < ours_bf16 < 1.5 * theirs, (ours_bf16, theirs)
+    assert ours_fp32 < 0.01 * theirs, (ours_fp32, theirs)
 
 
 # ------------------------------------------------------------------ learning check
@@ -323,11 +354,13 @@ def _train_steps(model, opt, start, n, loss=gpt_loss):
         opt.step()
 
 
-@pytest.mark.parametrize("preset", ["muon", "scion", "gluon", "gluon-bf16"])
+@pytest.mark.parametrize("preset", ["muon", "muon-bf16-ns", "scion", "gluon", "gluon-bf16"])
 def test_state_dict_round_trip_is_bitwise(preset):
     def make():
         torch.manual_seed(0)
         model = TinyGPT()
+        if preset == "muon-bf16-ns":  # a torch.dtype in param_groups survives torch.load(weights_only)
+            return model, GluonAdamW(muon_groups(model, lr=0.02, adamw_lr=1e-2, ns_dtype=torch.bfloat16))
         if preset == "gluon-bf16":
             return model.to(torch.bfloat16), Gluon(model.parameters(), lr=0.02, norm_options={"scale": "muon"})
         if preset == "muon":
@@ -355,6 +388,21 @@ def test_state_dict_round_trip_is_bitwise(preset):
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
             if key == "momentum_buffer":
                 assert b[key].dtype == torch.float32
+
+
+def test_checkpoint_from_before_ns_dtype_loads_with_the_default():
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt = GluonAdamW(muon_groups(model, lr=0.02))
+    _train_steps(model, opt, 0, 1)
+    old = opt.state_dict()
+    for g in old["param_groups"]:
+        g.pop("ns_dtype", None)
+    fresh = GluonAdamW(muon_groups(model, lr=0.02, ns_dtype=torch.bfloat16))
+    fresh.load_state_dict(old)
+    assert all("ns_dtype" not in g for g in fresh.param_groups)
+    _train_steps(model, fresh, 1, 1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_scheduler_drives_both_kinds():
@@ -412,21 +460,45 @@ def test_params_without_grad_are_skipped_and_zero_grad_works():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_one_fused_step_per_group_and_one_newton_schulz_per_shape(monkeypatch, backend):
-    from ringmaster_kernels import ops
+    from ringmaster_kernels import ops, reference
 
     steps, ns_calls = [], []
-    real_step, real_ns = ops.lmo_step_, ops.orthogonalize
+    ns_module = ops if backend == "triton" else reference  # the twin calls its own orthogonalize
+    real_step, real_ns = ops.lmo_step_, ns_module.orthogonalize
     monkeypatch.setattr(ops, "lmo_step_", lambda params, *a, **k: (steps.append(len(params)), real_step(params, *a, **k)))
-    monkeypatch.setattr(ops, "orthogonalize", lambda G, *a, **k: (ns_calls.append(tuple(G.shape)), real_ns(G, *a, **k))[1])
+    monkeypatch.setattr(ns_module, "orthogonalize",
+                        lambda G, *a, **k: (ns_calls.append(tuple(G.shape)), real_ns(G, *a, **k))[1])
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(4)], nn.Linear(8, 3, bias=False))
     opt = Gluon(model.parameters(), lr=0.01, backend=backend)
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
     assert steps == [5]
-    if backend == "triton":  # the kernels batch Newton–Schulz by shape; the twin loops
-        assert sorted(ns_calls) == [(1, 3, 8), (4, 8, 8)]
+    assert sorted(ns_calls) == [(1, 3, 8), (4, 8, 8)]  # kernels and twin batch Newton–Schulz by shape
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ns_dtype_reaches_the_fused_step():
+    """Gluon(ns_dtype=...) is exactly the twin step with that compute_dtype, and not the default."""
+    from ringmaster_kernels import reference
+
+    torch.manual_seed(0)
+    x0 = [torch.randn(12, 8), torch.randn(12, 8), torch.randn(8, 20)]
+    g = [torch.randn_like(x) for x in x0]
+    results = {}
+    for ns_dtype in (torch.bfloat16, None):
+        ps = [nn.Parameter(x.clone()) for x in x0]
+        opt = Gluon(ps, lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype, backend="torch")
+        assert opt.param_groups[0]["ns_dtype"] == ns_dtype
+        for p, gi in zip(ps, g):
+            p.grad = gi.clone()
+        opt.step()
+        results[ns_dtype] = [p.detach() for p in ps]
+    xs, ms = [x.clone() for x in x0], [torch.zeros_like(x) for x in x0]
+    reference.lmo_step_(xs, g, ms, norm="spectral", lr=0.02, beta=0.95, nesterov=True, weight_decay=0.1,
+                        compute_dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(results[torch.bfloat16], xs))
+    assert not any(torch.equal(a, b) for a, b in zip(results[torch.bfloat16], results[None]))
 
 
 def test_odd_layouts_noncontiguous_and_conv():
@@ -521,6 +593,8 @@ def test_sparse_grad_rejected_by_name():
         (dict(L0=1.0), ValueError, "L0 and L1"),
         (dict(L0=0.0, L1=0.0), ValueError, "both be 0"),
         (dict(nonfinite="warn"), ValueError, "nonfinite"),
+        (dict(ns_dtype="bf16"), TypeError, "ns_dtype"),
+        (dict(ns_dtype=torch.int32), TypeError, "ns_dtype"),
     ],
 )
 def test_bad_options(kwargs, err, match):
@@ -563,6 +637,9 @@ def test_muon_groups_roles_shapes_and_overrides():
         ["blocks.0.bias", "blocks.1.bias", "blocks.2.bias", "norm.weight", "norm.bias"])
     opt = GluonAdamW(groups)
     assert opt._inner["adamw"].defaults["fused"] is True
+    assert hidden["ns_dtype"] is None
+    (bf16,) = [g for g in muon_groups(model, ns_dtype=torch.bfloat16) if g["role"] == "hidden"]
+    assert bf16["ns_dtype"] == torch.bfloat16
     # tied head: the shared matrix is the embedding, once
     tied = muon_groups(TinyGPT(tied=True))
     assert "head" not in {g["role"] for g in tied}
@@ -579,6 +656,7 @@ def test_scion_groups_norms_and_radii():
     assert by_role["embedding"][0]["norm"] == "sign"
     assert by_role["vector"][0]["norm"] == "bias_rms"
     assert all(g["weight_decay"] == 1.0 and g["kind"] == "gluon" for g in groups)
+    assert all(g["ns_dtype"] == torch.bfloat16 for g in scion_groups(model, ns_dtype=torch.bfloat16))
     opt = GluonAdamW(groups)
     assert set(opt._inner) == {"gluon"}
     _train_steps(model, opt, 0, 2)
