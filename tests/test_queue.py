@@ -406,6 +406,8 @@ def test_stress_rejects_bad_configuration():
         stress(records_per_producer=10, capacity=3)
     with pytest.raises(ValueError, match="producers"):
         stress(producers=-1)
+    with pytest.raises(ValueError, match="records_per_producer"):
+        stress(producers=8, records_per_producer=2**28)
 
 
 def test_wakeup_latencies_are_measured():

@@ -65,6 +65,10 @@ inline StressResult run_stress(const StressConfig& cfg) {
     throw InvalidArgument("consumers", "staleness mode (max_delay > 0) needs exactly one consumer");
   }
   if (cfg.max_delay > 0 && cfg.bump_every == 0) throw InvalidArgument("bump_every", "must be >= 1");
+  // One byte of bookkeeping per record.
+  if (cfg.records_per_producer > (std::uint64_t{1} << 30) / cfg.producers) {
+    throw InvalidArgument("records_per_producer", "producers * records_per_producer must be <= 2**30");
+  }
   GradientQueue queue(cfg.capacity, cfg.num_slots, cfg.producers);
   const std::uint64_t n = cfg.records_per_producer;
   const bool staleness = cfg.max_delay > 0;
