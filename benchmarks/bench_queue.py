@@ -1,0 +1,72 @@
+"""pytest-benchmark view of the gradient queue, beside its same-run baselines.
+
+    python -m pytest benchmarks/bench_queue.py --benchmark-group-by=group
+
+Compare rows within a group (ours vs queue.SimpleQueue); `ringmaster bench queue
+--json` gives the same figures, interleaved, as one JSON object.
+"""
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from ringmaster_kernels.queue import GradientQueue, stress
+
+N = 10_000
+
+
+@pytest.fixture
+def q() -> GradientQueue:
+    return GradientQueue(capacity=1024, num_slots=1, num_workers=1)
+
+
+@pytest.mark.benchmark(group="python push+pop pairs")
+def test_gradient_queue_push_pop(benchmark, q):
+    slot = q.acquire_slot()
+
+    def loop() -> None:
+        push, pop = q.push, q.pop
+        for i in range(N):
+            push(slot, 0, i)
+            pop()
+
+    benchmark(loop)
+    assert q.stats()["popped"] == q.stats()["pushed"] > 0
+
+
+@pytest.mark.benchmark(group="python push+pop pairs")
+def test_simplequeue_put_get(benchmark):
+    sq = queue.SimpleQueue()
+
+    def loop() -> None:
+        put, get = sq.put, sq.get
+        for i in range(N):
+            put((0, 0, i))
+            get()
+
+    benchmark(loop)
+
+
+@pytest.mark.benchmark(group="python drain of 1024 records")
+def test_gradient_queue_pop_many(benchmark, q):
+    slot = q.acquire_slot()
+
+    def fill() -> tuple[tuple, dict]:
+        for i in range(q.capacity):
+            q.try_push(slot, 0, i)
+        return (), {}
+
+    def drain() -> None:
+        while len(q):
+            q.pop_many(256, 0)
+
+    benchmark.pedantic(drain, setup=fill, rounds=50)
+    assert len(q) == 0
+
+
+@pytest.mark.benchmark(group="c++ threads, 1M records")
+@pytest.mark.parametrize("producers", [1, 4])
+def test_cpp_threads(benchmark, producers):
+    result = benchmark.pedantic(stress, args=(producers, 1_000_000 // producers, 1, 1024, 1024), rounds=3)
+    assert result["ok"], result
