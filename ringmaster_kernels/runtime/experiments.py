@@ -54,9 +54,9 @@ TUNED: dict[str, dict[str, float]] = {
 # Tuned the same way at the sweep's default scale (n = 64, d = 64, S = 1), with the sweep's
 # horizon (20000), long enough for synchronous LMO to reach the target.
 SWEEP_TUNED: dict[str, dict[str, float]] = {
-    "ringmaster": {"lr": 1.0, "threshold": 1},
+    "ringmaster": {"lr": 0.2, "threshold": 2},
     "ringmaster_pa": {"lr": 1.0},
-    "sync": {"lr": 5.0},
+    "sync": {"lr": 0.2},
     "async": {"lr": 0.0016},
     "delay_adaptive": {"lr": 0.008},
     "rennala": {"lr": 1.0, "batch": 1},
