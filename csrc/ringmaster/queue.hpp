@@ -7,10 +7,13 @@
 // the fast path of a push or a pop is one CAS on the shared position plus one store
 // to the cell. Cells and positions sit on their own cache lines.
 //
-// Blocking calls spin briefly, then sleep on a condition variable. Sleepers
-// announce themselves in an atomic counter; the hot path only pays a load of that
-// counter (plus a sequentially-consistent publish) and touches the mutex only when
-// somebody is actually asleep.
+// A batched pop (pop_many) claims every ready record with a single CAS.
+//
+// Blocking calls spin briefly, yield a few times, then sleep on a condition
+// variable. Sleepers announce themselves in an atomic counter; the hot path only
+// pays a load of that counter (after a sequentially-consistent publish) and touches
+// the mutex only when somebody is actually asleep. Stats are per-worker relaxed
+// counters on cache lines of their own.
 #pragma once
 
 #include <atomic>
