@@ -19,19 +19,20 @@ from __future__ import annotations
 import argparse
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--records", type=int, default=2_000_000, help="records per C++ run (split over producers)")
-    parser.add_argument("--pairs", type=int, default=200_000, help="operations per Python timing loop")
-    parser.add_argument("--batch", type=int, default=256, help="max_n of pop_many")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median reported)")
-    parser.add_argument("--wakeups", type=int, default=200, help="samples for the wake-up latency")
-
-
-def _positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    parser.add_argument("--records", type=_positive_int, default=2_000_000, help="records per C++ run (split over producers)")
+    parser.add_argument("--pairs", type=_positive_int, default=200_000, help="operations per Python timing loop")
+    parser.add_argument("--batch", type=_positive_int, default=256, help="max_n of pop_many")
+    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per figure (median reported)")
+    parser.add_argument("--wakeups", type=_positive_int, default=200, help="samples for the wake-up latency")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from ringmaster_kernels.commands._timing import emit, machine_info, time_fn
     from ringmaster_kernels.queue import GradientQueue, stress, wakeup_latencies_us
 
-    _positive(args, "records", "pairs", "batch", "repeats", "wakeups")
     n, repeats = args.pairs, args.repeats
 
     def cpp_rate(producers: int) -> float:
