@@ -7,6 +7,8 @@ ext_modules = [
         "ringmaster_kernels._queue",
         ["csrc/bindings.cpp"],
         include_dirs=["csrc"],
+        # Header-only core: list it so editing a header rebuilds the extension.
+        depends=["csrc/ringmaster/queue.hpp", "csrc/ringmaster/harness.hpp"],
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),
