@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(swp, workers=64, dim=64, horizon=20000.0)
     swp.add_argument("--levels", default="0,0.25,0.5,1,2,4",
                      help="comma-separated heterogeneity levels S (0 = homogeneous)")
+    swp.add_argument("--no-retune", action="store_true",
+                     help="use the S = 1 tuned values at every level instead of re-tuning around them")
 
 
 def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: float) -> None:
@@ -224,11 +226,13 @@ def _plot_curves(path, methods, traces, params, exp) -> None:
 def _sweep(args, ex, exp, levels) -> int:
     from tqdm import tqdm
 
-    with tqdm(total=len(levels) * 5, desc="sweep", unit="run", file=sys.stderr) as bar:
+    per_level = 5 + (0 if args.no_retune else sum(len(ex.local_grid(ex.SWEEP_TUNED[m])) for m in ex.BASELINES + ("ringmaster",)))
+    with tqdm(total=len(levels) * per_level, desc="sweep", unit="run", file=sys.stderr) as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(1)
-        rows = ex.sweep(exp, levels, ex.SWEEP_TUNED, seed=args.seed, progress=progress)
+        rows = ex.sweep(exp, levels, ex.SWEEP_TUNED, seed=args.seed,
+                        retune=not args.no_retune, progress=progress)
     out = {"levels": [{k: r[k] for k in ("heterogeneity", "speedup_vs_sync", "speedup_vs_best_baseline")} for r in rows]}
     if args.plot:
         import matplotlib
@@ -258,4 +262,8 @@ def _sweep(args, ex, exp, levels) -> int:
             cells = "".join(f"{'-' if r['time_to_target'][n] is None else format(r['time_to_target'][n], '.1f'):>16}" for n in names)
             f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
             print(f"{r['heterogeneity']:>6g}{cells}{f(r['speedup_vs_sync']):>10}{f(r['speedup_vs_best_baseline']):>10}")
+        print("'-': not reached within the horizon, or (baselines after sync) within the best baseline time")
+        for r in rows:
+            print(f"S={r['heterogeneity']:g} params: " + "; ".join(
+                f"{m} " + ",".join(f"{k}={v:g}" for k, v in p.items()) for m, p in r["params"].items()))
     return 0

@@ -185,10 +185,12 @@ def tune(
     methods: tuple[str, ...] = METHOD_ORDER,
     *,
     seed: int = TUNE_SEED,
+    grids: dict[str, list[dict[str, float]]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Grid-search every method on ``seed``: ``{method: {"best": params, "grid": [rows]}}``.
 
+    ``grids`` maps a method to its candidates (default: :func:`grid_for`, the paper's grid).
     A row is ``{"params", "time_to_target" (None if not reached), "final"}``. Runs stop at
     the target, and once some step size reached it, later runs also stop at the best time
     so far (they cannot beat it), so a hopeless run costs little. Largest step sizes go
@@ -198,7 +200,8 @@ def tune(
     for method in methods:
         rows = []
         best_time = math.inf
-        for params in sorted(grid_for(method), key=lambda p: -p["lr"]):
+        candidates = grids[method] if grids is not None else grid_for(method)
+        for params in sorted(candidates, key=lambda p: -p["lr"]):
             if progress is not None:
                 progress(f"{method} {params}")
             trace = exp.run(method, params, seed=seed, stop_at_target=True, horizon=min(exp.horizon, best_time))
@@ -210,17 +213,29 @@ def tune(
     return out
 
 
+def local_grid(params: dict[str, float]) -> list[dict[str, float]]:
+    """Step size x {1/5, 1, 5} and R or B in {1, 2, 4} plus the given one: a cheap grid around ``params``."""
+    size_key = next((k for k in params if k != "lr"), None)
+    sizes = sorted({1, 2, 4, params[size_key]}) if size_key else [None]
+    return [{"lr": params["lr"] * f, **({size_key: s} if size_key else {})} for f in (0.2, 1.0, 5.0) for s in sizes]
+
+
 def sweep(
     exp: QuadraticExperiment,
     levels: tuple[float, ...],
     params_by_method: dict[str, dict[str, Any]],
     *,
     seed: int = REPORT_SEED,
+    retune: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time to target of Ringmaster and every baseline at each heterogeneity level.
 
-    Every run stops at the target or at ``exp.horizon``. Baselines after ``sync`` also stop at the best baseline time so far (they cannot be the best after
+    With ``retune``, every method is re-tuned at each level on ``TUNE_SEED`` over
+    :func:`local_grid` around ``params_by_method`` (values tuned at S = 1 do not transfer:
+    e.g. Ringmaster's R = 2 stalls above the target when all workers are equally fast);
+    the reported runs use ``seed``. Every run stops at the target or at ``exp.horizon``.
+    Baselines after ``sync`` also stop at the best baseline time so far (they cannot be the best after
     it), so a baseline's time is ``None`` when it did not reach the target within its
     cap; a speed-up is ``None`` when either side never reached it.
     """
@@ -230,12 +245,19 @@ def sweep(
         cap = exp.horizon
         times: dict[str, float | None] = {}
         # cheap baselines first, so the caps of the costly asynchronous ones are tight
-        for method in ("ringmaster", "sync", "rennala", "async", "delay_adaptive"):
+        order = ("ringmaster", "sync", "rennala", "async", "delay_adaptive")
+        chosen = dict(params_by_method)
+        if retune:
+            grids = {m: local_grid(params_by_method[m]) for m in order}
+            tuned = tune(e, order, seed=TUNE_SEED, grids=grids,
+                         progress=None if progress is None else (lambda label: progress(f"S={level:g} tune {label}")))
+            chosen = {m: tuned[m]["best"] for m in order}
+        for method in order:
             if progress is not None:
                 progress(f"S={level:g} {method}")
             reached = [times[m] for m in BASELINES if times.get(m) is not None]
             horizon = min([cap] + reached) if method != "sync" and method != "ringmaster" else cap
-            trace = e.run(method, params_by_method[method], seed=seed, stop_at_target=True, horizon=horizon)
+            trace = e.run(method, chosen[method], seed=seed, stop_at_target=True, horizon=horizon)
             times[method] = trace.time_to_target(e.target * trace.initial_metric)
         ours = times["ringmaster"]
         reached = [times[m] for m in BASELINES if times[m] is not None]
@@ -248,5 +270,6 @@ def sweep(
             "speedup_vs_sync": ratio(times["sync"]),
             "speedup_vs_best_baseline": ratio(min(reached) if reached else None),
             "time_to_target": times,
+            "params": chosen,
         })
     return rows
