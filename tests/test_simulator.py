@@ -266,3 +266,12 @@ def test_cli_sweep_json(capsys):
     assert [r["heterogeneity"] for r in out["levels"]] == [0.0, 1.0]
     for r in out["levels"]:
         assert set(r) == {"heterogeneity", "speedup_vs_sync", "speedup_vs_best_baseline"}
+
+
+def test_ringmaster_R1_is_rennala_B1():
+    """Both restart every worker after each update: the same run, event for event."""
+    exp = QuadraticExperiment(workers=16, dim=16, horizon=40)
+    a = exp.run("ringmaster", {"lr": 0.2, "threshold": 1}, seed=5)
+    b = exp.run("rennala", {"lr": 0.2, "batch": 1}, seed=5)
+    assert np.array_equal(a.time, b.time) and np.array_equal(a.metric, b.metric, equal_nan=True)
+    assert a.num_discarded == b.num_discarded and a.started == b.started
