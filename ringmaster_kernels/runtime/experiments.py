@@ -186,22 +186,25 @@ def tune(
     *,
     seed: int = TUNE_SEED,
     grids: dict[str, list[dict[str, float]]] | None = None,
+    anchors: dict[str, dict[str, float]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Grid-search every method on ``seed``: ``{method: {"best": params, "grid": [rows]}}``.
 
-    ``grids`` maps a method to its candidates (default: :func:`grid_for`, the paper's grid).
+    ``grids`` maps a method to its candidates (default: :func:`grid_for`, the paper's grid);
+    ``anchors`` gives a method's likely best, run first so that its time caps the rest.
     A row is ``{"params", "time_to_target" (None if not reached), "final"}``. Runs stop at
     the target, and once some step size reached it, later runs also stop at the best time
-    so far (they cannot beat it), so a hopeless run costs little. Largest step sizes go
-    first: they reach the target soonest when they reach it at all.
+    so far (they cannot beat it), so a hopeless run costs little. After the anchor, largest
+    step sizes go first: they reach the target soonest when they reach it at all.
     """
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
         rows = []
         best_time = math.inf
         candidates = grids[method] if grids is not None else grid_for(method)
-        for params in sorted(candidates, key=lambda p: -p["lr"]):
+        anchor = (anchors or {}).get(method)
+        for params in sorted(candidates, key=lambda p: (p != anchor, -p["lr"])):
             if progress is not None:
                 progress(f"{method} {params}")
             trace = exp.run(method, params, seed=seed, stop_at_target=True, horizon=min(exp.horizon, best_time))
@@ -249,7 +252,7 @@ def sweep(
         chosen = dict(params_by_method)
         if retune:
             grids = {m: local_grid(params_by_method[m]) for m in order}
-            tuned = tune(e, order, seed=TUNE_SEED, grids=grids,
+            tuned = tune(e, order, seed=TUNE_SEED, grids=grids, anchors=params_by_method,
                          progress=None if progress is None else (lambda label: progress(f"S={level:g} tune {label}")))
             chosen = {m: tuned[m]["best"] for m in order}
         for method in order:
