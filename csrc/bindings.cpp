@@ -13,7 +13,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
@@ -300,17 +302,90 @@ PyObject* queue_pop_fresh(FASTCALL_ARGS) {
   });
 }
 
+// The batched pop shared by pop_many and pop_into: waits per `timeout` for one
+// record, then takes up to max_n ready ones. The records land in a scratch array,
+// not in the caller's object, because the wait runs without the GIL.
+struct Batch {
+  std::unique_ptr<Record[]> records;
+  std::size_t size = 0;
+};
+
+Batch pop_batch(GradientQueue& q, std::uint64_t max_n, PyObject* timeout) {
+  // Never more than the ring holds, so a huge max_n costs no huge buffer.
+  const std::size_t room = static_cast<std::size_t>(std::min<std::uint64_t>(max_n, q.capacity()));
+  Batch batch{std::unique_ptr<Record[]>(new Record[room])};
+  batch.size = blocking(timeout, [&](Deadline d) { return q.pop_many(batch.records.get(), room, d); });
+  return batch;
+}
+
 PyObject* queue_pop_many(FASTCALL_ARGS) {
   return guarded([&]() -> PyObject* {
     const auto a = parse_args<2>("pop_many", {"max_n", "timeout"}, 1, args, nargs, kwnames);
     const std::uint64_t max_n = as_positive(a[0], "max_n", kMaxBatch);
-    GradientQueue& q = queue_of(self);
-    // Never more than the ring holds, so a huge max_n costs no huge buffer.
-    std::vector<Record> buffer(std::min<std::uint64_t>(max_n, q.capacity()));
-    const std::size_t got = blocking(a[1], [&](Deadline d) { return q.pop_many(buffer.data(), buffer.size(), d); });
-    py::list out(got);
-    for (std::size_t i = 0; i < got; ++i) PyList_SET_ITEM(out.ptr(), i, new_record(buffer[i]));
+    const Batch batch = pop_batch(queue_of(self), max_n, a[1]);
+    py::list out(batch.size);
+    for (std::size_t i = 0; i < batch.size; ++i) PyList_SET_ITEM(out.ptr(), i, new_record(batch.records[i]));
     return out.release().ptr();
+  });
+}
+
+// A caller's buffer held for the length of a call (PyBuffer_Release on the way out).
+class BufferView {
+ public:
+  BufferView(PyObject* obj, const char* name) {
+    // Strides and format are requested so that every problem below gets its own
+    // message; asking for a writable C-contiguous buffer upfront would give the
+    // exporter's generic BufferError instead.
+    if (PyObject_GetBuffer(obj, &view_, PyBUF_RECORDS_RO) != 0) {
+      PyErr_Clear();
+      throw py::type_error(std::string(name) +
+                           ": must support the buffer protocol (a numpy array; a torch tensor via .numpy()), got " +
+                           type_name(obj));
+    }
+  }
+  ~BufferView() { PyBuffer_Release(&view_); }
+  BufferView(const BufferView&) = delete;
+  BufferView& operator=(const BufferView&) = delete;
+  const Py_buffer& operator*() const { return view_; }
+
+ private:
+  Py_buffer view_;
+};
+
+// Whether a struct-module format code describes a native 8-byte integer
+// ('q'/'Q', or 'l'/'L', which numpy uses for int64/uint64 on LP64 systems).
+bool is_native_int64(const Py_buffer& view) {
+  if (view.itemsize != 8 || view.format == nullptr) return false;
+  const char* f = view.format;
+  if (*f == '@' || *f == '=' || (*f == '<' && PY_LITTLE_ENDIAN) || (*f == '>' && !PY_LITTLE_ENDIAN)) ++f;
+  return (f[0] == 'q' || f[0] == 'Q' || f[0] == 'l' || f[0] == 'L') && f[1] == '\0';
+}
+
+PyObject* queue_pop_into(FASTCALL_ARGS) {
+  return guarded([&]() -> PyObject* {
+    const auto a = parse_args<2>("pop_into", {"out", "timeout"}, 1, args, nargs, kwnames);
+    const BufferView buffer(a[0], "out");
+    const Py_buffer& v = *buffer;
+    if (!is_native_int64(v)) {
+      throw py::type_error(std::string("out: must hold native int64 or uint64 items, got format '") +
+                           (v.format ? v.format : "B") + "' of " + std::to_string(v.itemsize) + " bytes");
+    }
+    if (v.ndim != 2 || v.shape[1] != 3 || v.shape[0] < 1) {
+      std::string shape;
+      for (int d = 0; d < v.ndim; ++d) shape += (d ? ", " : "") + std::to_string(v.shape[d]);
+      throw py::value_error("out: must have shape (n, 3) with n >= 1, got (" + shape + ")");
+    }
+    if (v.readonly) throw py::value_error("out: must be writable, got a read-only buffer");
+    if (!PyBuffer_IsContiguous(&v, 'C')) throw py::value_error("out: must be C-contiguous");
+    const std::uint64_t max_n = std::min<std::uint64_t>(static_cast<std::uint64_t>(v.shape[0]), kMaxBatch);
+    const Batch batch = pop_batch(queue_of(self), max_n, a[1]);
+    auto* row = static_cast<std::uint64_t*>(v.buf);
+    for (std::size_t i = 0; i < batch.size; ++i, row += 3) {
+      row[0] = batch.records[i].slot;
+      row[1] = batch.records[i].worker;
+      row[2] = batch.records[i].version;
+    }
+    return PyLong_FromSize_t(batch.size);
   });
 }
 
@@ -392,6 +467,13 @@ PyMethodDef queue_methods[] = {
                     "pop_many(max_n, timeout=None) -> list[Record]\n\nWaits up to `timeout` seconds for one "
                     "record, then takes up to max_n in total without waiting. [] on timeout; QueueClosed once "
                     "closed and empty."),
+    FASTCALL_METHOD(pop_into,
+                    "pop_into(out, timeout=None) -> int\n\npop_many(len(out), timeout) without Python objects: "
+                    "writes record i as out[i] = (slot, worker, version) and returns how many it wrote; rows "
+                    "past that are left untouched. `out`: a writable C-contiguous buffer of native int64 or "
+                    "uint64, shape (n, 3), e.g. numpy.empty((256, 3), numpy.uint64) or a torch int64 tensor's "
+                    ".numpy(). An int64 buffer holds versions >= 2**63 as negative numbers (view it as uint64 "
+                    "to read them). 0 on timeout; QueueClosed once closed and empty."),
     NOARGS_METHOD(bump_version, "bump_version() -> int\n\nIncrements the model version; returns the new one."),
     FASTCALL_METHOD(set_version, "set_version(version) -> None"),
     NOARGS_METHOD(close,
@@ -422,6 +504,7 @@ const char queue_doc[] =
     "gradient pool. num_workers: producers are worker ids 0..num_workers-1.\n\n"
     "Workers: slot = q.acquire_slot(); fill it; q.push(slot, worker, version).\n"
     "Server: rec = q.pop_fresh(max_delay) (or pop / pop_many); read rec.slot; q.release_slot(rec.slot).\n"
+    "Batched drain without Python objects: n = q.pop_into(buf) with buf = numpy.empty((256, 3), numpy.uint64).\n"
     "Waits release the GIL. After close(), producers raise QueueClosed; consumers drain what\n"
     "is left, then raise QueueClosed. len(q) is the number of records queued (a snapshot).";
 

@@ -95,6 +95,34 @@ def test_bad_push_and_release_arguments_name_the_argument():
     assert q.free_slots == 3
 
 
+def test_slot_misuse_is_caught_by_the_slot_state():
+    """Pushing a slot whose record is still queued, or releasing it, is a ValueError;
+    once popped, the slot belongs to the consumer, who may release or re-push it."""
+    q = GradientQueue(2, 4, 1)
+    slot = q.acquire_slot()
+    assert q.push(slot, 0, 1)
+    for push in (q.push, q.try_push):
+        with pytest.raises(ValueError, match=f"slot {slot} is already queued"):
+            push(slot, 0, 2)
+    with pytest.raises(ValueError, match=f"slot {slot} is still queued"):
+        q.release_slot(slot)
+    assert len(q) == 1 and q.free_slots == 3  # the misuses changed nothing
+    assert q.pop() == (slot, 0, 1)
+    assert q.push(slot, 0, 3)  # a consumer may hand a popped slot on
+    assert q.pop() == (slot, 0, 3)
+    q.release_slot(slot)
+    assert q.free_slots == 4
+    # A push that fails (full ring, or closed) leaves the slot with its owner.
+    filled(q, [(0, 4), (0, 5)])
+    spare = q.acquire_slot()
+    assert not q.try_push(spare, 0, 6) and not q.push(spare, 0, 6, timeout=0.01)
+    q.close()
+    with pytest.raises(QueueClosed):
+        q.push(spare, 0, 6)
+    q.release_slot(spare)
+    assert q.free_slots == 2
+
+
 @pytest.mark.parametrize(
     "call, exc, name",
     [
@@ -106,6 +134,8 @@ def test_bad_push_and_release_arguments_name_the_argument():
         (lambda q: q.pop_fresh(-1), ValueError, "max_delay"),
         (lambda q: q.pop_many(0), ValueError, "max_n"),
         (lambda q: q.pop_many(2**30), ValueError, "max_n"),
+        (lambda q: q.pop_into(np.empty((2, 3), np.uint64), timeout=-1), ValueError, "timeout"),
+        (lambda q: q.pop_into(), TypeError, "out"),
         (lambda q: q.set_version(-1), ValueError, "version"),
         (lambda q: q.pop(timeot=1), TypeError, "timeot"),
         (lambda q: q.push(0, 0), TypeError, "version"),
@@ -256,6 +286,136 @@ def test_pop_fresh_classifies_exactly_against_a_model(ops):
     assert stats["queued"] == len(model) and stats["free_slots"] == 64 - len(model)
 
 
+# ---- pop_into: the batched drain into a caller's buffer ----------------------------
+
+POISON = 0xDEAD_BEEF_DEAD_BEEF
+
+
+def poisoned(rows: int, dtype=np.uint64) -> np.ndarray:
+    return np.full((rows, 3), POISON, np.uint64).view(dtype)
+
+
+def test_pop_into_writes_exact_records_in_fifo_order():
+    q = GradientQueue(16, 16, 3)
+    items = [(2, 7), (0, 2**40), (1, U64_MAX), (2, 0), (0, 2**63), (1, 1), (0, 12345)]
+    slots = filled(q, items)
+    expected = [[s, w, v] for s, (w, v) in zip(slots, items)]
+    out = poisoned(4)
+    assert q.pop_into(out) == 4
+    assert out.tolist() == expected[:4]
+    out = poisoned(8)
+    assert q.pop_into(out, timeout=0) == 3  # what was ready, no more
+    assert out[:3].tolist() == expected[4:]
+    assert (out[3:] == POISON).all()  # rows past the count are not touched
+    assert q.pop_into(out, timeout=0) == 0 and q.pop_into(out, timeout=0.01) == 0
+    assert (out[3:] == POISON).all()
+    assert q.stats()["per_worker"] == [
+        {"pushed": 3, "popped": 3, "discarded": 0},
+        {"pushed": 2, "popped": 2, "discarded": 0},
+        {"pushed": 2, "popped": 2, "discarded": 0},
+    ]
+    for slot in slots:  # the popped slots now belong to the consumer
+        q.release_slot(slot)
+    assert q.free_slots == 16
+
+
+def test_pop_into_int64_buffers_and_views():
+    """int64 buffers (torch's default) hold versions >= 2**63 as their two's
+    complement; a row slice of a larger array and a torch tensor's .numpy() work."""
+    q = GradientQueue(8, 8, 2)
+    slots = filled(q, [(1, U64_MAX), (0, 2**63), (1, 5), (0, 6), (1, 7)])
+    out = poisoned(2, np.int64)
+    assert q.pop_into(out) == 2
+    assert out[:, :2].tolist() == [[slots[0], 1], [slots[1], 0]]
+    assert out[:, 2].tolist() == [-1, -(2**63)]
+    assert out.view(np.uint64)[:, 2].tolist() == [U64_MAX, 2**63]
+    big = poisoned(6)
+    assert q.pop_into(big[2:4]) == 2  # C-contiguous rows of a larger array
+    assert big[2:4].tolist() == [[slots[2], 1, 5], [slots[3], 0, 6]]
+    assert (big[:2] == POISON).all() and (big[4:] == POISON).all()
+    tensor = torch_int64(3)
+    assert q.pop_into(tensor.numpy()) == 1  # shares the tensor's memory
+    assert tensor.tolist() == [[slots[4], 1, 7], [0, 0, 0], [0, 0, 0]]
+
+
+def torch_int64(rows: int):
+    import torch
+
+    return torch.zeros(rows, 3, dtype=torch.int64)
+
+
+def read_only(rows: int) -> np.ndarray:
+    a = np.zeros((rows, 3), np.uint64)
+    a.setflags(write=False)
+    return a
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: np.zeros((4, 3), np.float64), TypeError, "out: must hold native int64 or uint64"),
+        (lambda: np.zeros((4, 3), np.int32), TypeError, "out: must hold native int64"),
+        (lambda: np.zeros((4, 3), np.uint32), TypeError, "out: must hold native int64"),
+        (lambda: np.zeros((4, 3), ">i8" if sys.byteorder == "little" else "<i8"), TypeError, "out: must hold native"),
+        (lambda: bytearray(96), TypeError, "out: must hold native int64"),
+        (lambda: [[0, 0, 0]], TypeError, "out: must support the buffer protocol"),
+        (lambda: None, TypeError, "out: must support the buffer protocol"),
+        (lambda: torch_int64(4), TypeError, r"out: .*\.numpy\(\)"),
+        (lambda: np.zeros((4, 2), np.uint64), ValueError, r"out: must have shape \(n, 3\) .* got \(4, 2\)"),
+        (lambda: np.zeros(12, np.uint64), ValueError, r"out: must have shape \(n, 3\) .* got \(12\)"),
+        (lambda: np.zeros((2, 2, 3), np.uint64), ValueError, r"out: must have shape \(n, 3\)"),
+        (lambda: np.zeros((0, 3), np.uint64), ValueError, r"got \(0, 3\)"),
+        (lambda: read_only(4), ValueError, "out: must be writable"),
+        (lambda: np.zeros((8, 3), np.uint64)[::2], ValueError, "out: must be C-contiguous"),
+        (lambda: np.zeros((4, 3), np.uint64, order="F"), ValueError, "out: must be C-contiguous"),
+        (lambda: np.zeros((3, 4), np.uint64)[:, :3], ValueError, "out: must be C-contiguous"),
+    ],
+)
+def test_pop_into_rejects_bad_buffers_before_popping(make, exc, match):
+    q = GradientQueue(4, 4, 1)
+    filled(q, [(0, 1), (0, 2)])
+    with pytest.raises(exc, match=match):
+        q.pop_into(make())
+    assert len(q) == 2 and q.stats()["popped"] == 0  # nothing was taken
+
+
+drain_op = st.one_of(
+    st.tuples(st.just("push"), st.integers(0, 2), st.integers(0, U64_MAX)),  # worker, version
+    st.tuples(st.just("pop_into"), st.integers(1, 9), st.sampled_from([np.uint64, np.int64])),
+    st.tuples(st.just("pop_many"), st.integers(1, 9)),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(drain_op, max_size=50))
+def test_pop_into_and_pop_many_agree_with_a_fifo_model(ops):
+    q = GradientQueue(16, 16, 3)
+    model: deque[tuple[int, int, int]] = deque()
+    for op in ops:
+        if op[0] == "push":
+            slot = q.acquire_slot(timeout=0)
+            if slot is None:  # every slot is queued: the model says the ring is full too
+                assert len(model) == 16
+                continue
+            assert q.try_push(slot, op[1], op[2])
+            model.append((slot, op[1], op[2]))
+            continue
+        want = [model.popleft() for _ in range(min(op[1], len(model)))]
+        if op[0] == "pop_many":
+            got = [tuple(r) for r in q.pop_many(op[1], timeout=0)]
+        else:
+            out = poisoned(op[1], op[2])
+            n = q.pop_into(out, timeout=0)
+            got = [tuple(row) for row in out[:n].view(np.uint64).tolist()]
+            assert (out[n:].view(np.uint64) == POISON).all()
+        assert got == want
+        for slot, _, _ in got:
+            q.release_slot(slot)
+    s = q.stats()
+    assert s["queued"] == len(model) and s["free_slots"] == 16 - len(model)
+    assert s["pushed"] == s["popped"] + len(model)
+
+
 # ---- close / drain ---------------------------------------------------------------
 
 
@@ -270,10 +430,13 @@ def test_close_rejects_producers_and_drains_consumers():
     for produce in (lambda: q.push(spare, 0, 9), lambda: q.try_push(spare, 0, 9), q.acquire_slot):
         with pytest.raises(QueueClosed):
             produce()
+    out = np.zeros((1, 3), np.uint64)
     assert q.pop().version == 1
     assert [r.version for r in q.pop_many(2)] == [2, 3]
-    assert q.pop_fresh(100).version == 4
-    for consume in (q.pop, q.try_pop, lambda: q.pop_many(3), lambda: q.pop_fresh(1), lambda: q.pop(timeout=0)):
+    assert q.pop_into(out) == 1 and out[0, 2] == 4
+    consumers = (q.pop, q.try_pop, lambda: q.pop_many(3), lambda: q.pop_fresh(1), lambda: q.pop(timeout=0),
+                 lambda: q.pop_into(out), lambda: q.pop_into(out, timeout=0))
+    for consume in consumers:
         with pytest.raises(QueueClosed):
             consume()
     for slot in slots + [spare]:
@@ -296,7 +459,7 @@ def run_blocked(target) -> tuple[threading.Thread, list]:
     return t, out
 
 
-@pytest.mark.parametrize("blocked", ["pop", "pop_fresh", "pop_many", "acquire_slot", "push_full"])
+@pytest.mark.parametrize("blocked", ["pop", "pop_fresh", "pop_many", "pop_into", "acquire_slot", "push_full"])
 def test_close_wakes_every_kind_of_waiter(blocked):
     q = GradientQueue(2, 4, 1)
     if blocked == "acquire_slot":
@@ -307,7 +470,12 @@ def test_close_wakes_every_kind_of_waiter(blocked):
         slot = q.acquire_slot()
         call = lambda: q.push(slot, 0, 2)  # noqa: E731
     else:
-        call = {"pop": q.pop, "pop_fresh": lambda: q.pop_fresh(1), "pop_many": lambda: q.pop_many(8)}[blocked]
+        call = {
+            "pop": q.pop,
+            "pop_fresh": lambda: q.pop_fresh(1),
+            "pop_many": lambda: q.pop_many(8),
+            "pop_into": lambda: q.pop_into(np.empty((8, 3), np.int64)),
+        }[blocked]
     t, out = run_blocked(call)
     time.sleep(0.05)
     assert t.is_alive() and not out  # really blocked
@@ -317,18 +485,22 @@ def test_close_wakes_every_kind_of_waiter(blocked):
     assert len(out) == 1 and isinstance(out[0], QueueClosed)
 
 
-def test_blocked_pop_wakes_on_push_and_releases_the_gil():
+@pytest.mark.parametrize("consumer", ["pop", "pop_into"])
+def test_blocked_pop_wakes_on_push_and_releases_the_gil(consumer):
     q = GradientQueue(4, 4, 1)
-    t, out = run_blocked(q.pop)
+    buf = np.zeros((2, 3), np.uint64)
+    t, out = run_blocked(q.pop if consumer == "pop" else lambda: q.pop_into(buf))
     ticks = 0
     deadline = time.monotonic() + 0.3
     while time.monotonic() < deadline:  # pure-Python work: needs the GIL
         ticks += 1
     assert t.is_alive() and not out
     assert ticks > 10_000
-    filled(q, [(0, 42)])
+    [slot] = filled(q, [(0, 42)])
     t.join(5)
-    assert out and out[0].version == 42
+    assert out == ([(slot, 0, 42)] if consumer == "pop" else [1])
+    if consumer == "pop_into":
+        assert buf.tolist() == [[slot, 0, 42], [0, 0, 0]]
 
 
 def test_ctrl_c_interrupts_an_endless_wait():
@@ -341,7 +513,7 @@ def test_ctrl_c_interrupts_an_endless_wait():
 # ---- threads ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("consumer", ["pop", "pop_many"])
+@pytest.mark.parametrize("consumer", ["pop", "pop_many", "pop_into"])
 def test_python_threads_lose_and_duplicate_nothing(consumer):
     producers, per_producer = 4, 2_000
     q = GradientQueue(capacity=16, num_slots=8, num_workers=producers)
@@ -351,12 +523,19 @@ def test_python_threads_lose_and_duplicate_nothing(consumer):
             q.push(q.acquire_slot(), worker, i)
 
     seen: list[list[int]] = [[] for _ in range(producers)]
+    buf = np.full((5, 3), -1, np.int64)
+
+    def next_batch() -> list:
+        if consumer == "pop":
+            return [q.pop()]
+        if consumer == "pop_many":
+            return q.pop_many(5)
+        return [Record(*row) for row in buf[: q.pop_into(buf)].tolist()]
 
     def consume() -> None:
         try:
             while True:
-                batch = [q.pop()] if consumer == "pop" else q.pop_many(5)
-                for rec in batch:
+                for rec in next_batch():
                     seen[rec.worker].append(rec.version)
                     q.release_slot(rec.slot)
         except QueueClosed:

@@ -9,6 +9,13 @@
 //
 // A batched pop (pop_many) claims every ready record with a single CAS.
 //
+// Every slot carries a state byte (free, in use, queued) that turns the slot
+// misuses a caller can make into InvalidArgument: pushing a free slot or one whose
+// record is still queued, releasing a free slot or one still queued. Correct use
+// hands a slot from thread to thread through the rings, so the transitions of one
+// slot never race and plain relaxed loads and stores suffice (no extra RMW on the
+// fast path); concurrent misuse of one slot is caught only on a best-effort basis.
+//
 // Blocking calls spin briefly, yield a few times, then sleep on a condition
 // variable. Sleepers announce themselves in an atomic counter; the hot path only
 // pays a load of that counter (after a sequentially-consistent publish) and touches
@@ -369,14 +376,16 @@ class GradientQueue {
     return slot;
   }
 
-  // Gives a slot back to the pool. Allowed after close(), so a draining server can
-  // recycle what it pops.
+  // Gives a slot back to the pool: one that was acquired and not pushed, or whose
+  // record was popped. Allowed after close(), so a draining server can recycle what
+  // it pops.
   void release_slot(std::uint32_t slot) {
     check_slot(slot);
-    std::uint8_t expected = kInUse;
-    if (!slot_state_[slot].compare_exchange_strong(expected, kFree, std::memory_order_acq_rel)) {
+    std::uint8_t state = kInUse;
+    if (!slot_state_[slot].compare_exchange_strong(state, kFree, std::memory_order_acq_rel)) {
       throw InvalidArgument("slot", "slot " + std::to_string(slot) +
-                                        " is already free (double release)");
+                                        (state == kFree ? " is already free (double release)"
+                                                        : " is still queued: pop its record before releasing it"));
     }
     // Each slot is in the free ring at most once and the ring holds num_slots, so
     // "full" only means that an acquire_slot() one lap behind has claimed this cell
@@ -397,15 +406,16 @@ class GradientQueue {
   // Publishes a record. False when the ring stayed full until the deadline.
   bool push(const Record& record, Deadline deadline) {
     check_record(record);
+    std::atomic<std::uint8_t>& state = slot_state_[record.slot];
     const bool done = wait_for(space_waiter_, deadline, [&] {
-      switch (records_.try_push(record)) {
-        case Ring<Record>::Status::kOk:
-          return true;
-        case Ring<Record>::Status::kClosed:
-          throw QueueClosed();
-        default:
-          return false;
-      }
+      // Marked before the record is published: the consumer that pops it marks the
+      // slot in use again, and that store must come after this one.
+      state.store(kQueued, std::memory_order_relaxed);
+      const auto status = records_.try_push(record);
+      if (status == Ring<Record>::Status::kOk) return true;
+      state.store(kInUse, std::memory_order_relaxed);
+      if (status == Ring<Record>::Status::kClosed) throw QueueClosed();
+      return false;
     });
     if (done) {
       pushed_[record.worker].value.fetch_add(1, std::memory_order_relaxed);
@@ -490,8 +500,11 @@ class GradientQueue {
   }
 
  private:
+  // Slot states. In use: held by a worker between acquire and push, or by a consumer
+  // between pop and release. Queued: its record is in the ring.
   static constexpr std::uint8_t kFree = 0;
   static constexpr std::uint8_t kInUse = 1;
+  static constexpr std::uint8_t kQueued = 2;
   static constexpr std::uint64_t kMaxSlots = std::uint64_t{1} << 31;
 
   struct alignas(kCacheLine) PaddedCounter {
@@ -529,18 +542,26 @@ class GradientQueue {
       throw InvalidArgument("worker", "must be in [0, " + std::to_string(num_workers_) + "), got " +
                                           std::to_string(record.worker));
     }
-    if (slot_state_[record.slot].load(std::memory_order_relaxed) != kInUse) {
-      throw InvalidArgument("slot", "slot " + std::to_string(record.slot) +
-                                        " is free: acquire it with acquire_slot() before pushing");
+    switch (slot_state_[record.slot].load(std::memory_order_relaxed)) {
+      case kInUse:
+        return;
+      case kFree:
+        throw InvalidArgument("slot", "slot " + std::to_string(record.slot) +
+                                          " is free: acquire it with acquire_slot() before pushing");
+      default:
+        throw InvalidArgument("slot", "slot " + std::to_string(record.slot) +
+                                          " is already queued: each acquired slot is pushed once");
     }
   }
 
-  // One non-blocking attempt to take up to max_n records; wakes producers waiting
-  // for space. Returns how many were taken; throws QueueClosed once closed and empty.
+  // One non-blocking attempt to take up to max_n records; their slots pass to the
+  // consumer; wakes producers waiting for space. Returns how many were taken; throws
+  // QueueClosed once closed and empty.
   std::size_t take(Record* out, std::size_t max_n) {
     std::size_t n = 0;
     switch (records_.try_pop(out, max_n, n)) {
       case Ring<Record>::Status::kOk:
+        for (std::size_t i = 0; i < n; ++i) slot_state_[out[i].slot].store(kInUse, std::memory_order_relaxed);
         space_waiter_.notify_all();
         return n;
       case Ring<Record>::Status::kClosed:
