@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 
+import numpy as np
 import pytest
 
 from ringmaster_kernels.queue import GradientQueue, stress
@@ -49,20 +50,43 @@ def test_simplequeue_put_get(benchmark):
 
 
 @pytest.mark.benchmark(group="python drain of 1024 records")
-def test_gradient_queue_pop_many(benchmark, q):
-    slot = q.acquire_slot()
+@pytest.mark.parametrize("form", ["pop_into", "pop_many"])
+def test_gradient_queue_drain(benchmark, form):
+    q = GradientQueue(capacity=1024, num_slots=1024, num_workers=1)
+    out = np.empty((256, 3), np.uint64)
+    drain_once = (lambda: q.pop_into(out, 0)) if form == "pop_into" else (lambda: q.pop_many(256, 0))
 
     def fill() -> tuple[tuple, dict]:
+        for s in range(q.num_slots - q.free_slots):  # the last drain's slots, all held
+            q.release_slot(s)
         for i in range(q.capacity):
-            q.try_push(slot, 0, i)
+            q.try_push(q.acquire_slot(0), 0, i)
         return (), {}
 
     def drain() -> None:
-        while len(q):
-            q.pop_many(256, 0)
+        while drain_once():
+            pass
 
     benchmark.pedantic(drain, setup=fill, rounds=50)
-    assert len(q) == 0
+    assert len(q) == 0 and q.stats()["popped"] == 50 * q.capacity
+
+
+@pytest.mark.benchmark(group="python drain of 1024 records")
+def test_simplequeue_drain(benchmark):
+    sq = queue.SimpleQueue()
+
+    def fill() -> tuple[tuple, dict]:
+        for i in range(1024):
+            sq.put((i, 0, i))
+        return (), {}
+
+    def drain() -> None:
+        get = sq.get_nowait
+        for _ in range(1024):
+            get()
+
+    benchmark.pedantic(drain, setup=fill, rounds=50)
+    assert sq.empty()
 
 
 @pytest.mark.benchmark(group="c++ threads, 1M records")

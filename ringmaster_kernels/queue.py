@@ -22,13 +22,21 @@ must be a power of two. Methods (``timeout`` in seconds; ``None`` waits forever,
 - ``pop(timeout=None) -> Record | None``, ``try_pop()``,
   ``pop_fresh(max_delay, timeout=None)`` (returns records with
   ``version - record.version < max_delay``), ``pop_many(max_n, timeout=None) -> list``
+- ``pop_into(out, timeout=None) -> int``: the batched drain without a Python object
+  per record. ``out`` is a writable C-contiguous ``(n, 3)`` buffer of native int64 or
+  uint64 (``numpy.empty((256, 3), numpy.uint64)``, or a torch int64 tensor's
+  ``.numpy()``); it waits like ``pop_many(n, timeout)``, writes record ``i`` as
+  ``out[i] = (slot, worker, version)``, leaves later rows alone and returns the count.
+  Versions >= 2**63 read back negative from an int64 buffer (``out.view(numpy.uint64)``).
 - ``version`` (property), ``bump_version() -> int``, ``set_version(v)``
 - ``close()``, ``closed``; ``stats() -> dict``; ``len(q)``, ``free_slots``
 
 After ``close()`` producers (``push``, ``try_push``, ``acquire_slot``) raise
 :class:`QueueClosed`; consumers get the records left, then :class:`QueueClosed`.
-A slot must be acquired before it is pushed; releasing a free slot, or any value
-out of range, raises ``ValueError`` naming the argument.
+A slot is pushed once per acquire: pushing a free slot or one whose record is
+still queued, releasing a free slot or one still queued, or any value out of range,
+raises ``ValueError`` naming the argument. A popped record's slot belongs to the
+consumer, who releases it (or pushes it on).
 
 ``stress(...)`` and ``wakeup_latencies_us(...)`` run C++ threads against a queue,
 for tests and ``ringmaster bench queue``.
