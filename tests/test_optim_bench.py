@@ -25,11 +25,11 @@ def keep_threads():
 
 def test_bench_optim_json(capsys, keep_threads):
     assert main(["bench", "optim", "--model", "tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1",
-                 "--no-compile", "--threads", "1", "--json"]) == 0
+                 "--no-compile", "--threads", "1", "--rounds", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     tiny = out["models"]["tiny"]
     assert set(tiny["times"]) == {"ours", "torch_muon", "ours_fp32_ns"}
-    assert all(t["median_s"] > 0 for t in tiny["times"].values())
+    assert all(t["median_s"] > 0 and len(t["round_medians_s"]) == 2 for t in tiny["times"].values())
     assert set(tiny["ratios"]) == {"torch_muon/ours", "ours_fp32_ns/ours", "torch_muon/ours_fp32_ns"}
     assert all(r > 0 for r in tiny["ratios"].values())
     assert out["machine"]["device"] == "cpu" and out["threads"] == 1

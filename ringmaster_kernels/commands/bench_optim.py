@@ -15,7 +15,8 @@ same matrices:
 One more row is not the same math: ``ours_fp32_ns``, Gluon iterating in fp32 (the CPU
 default; on CUDA the default is bf16, i.e. ``ours``).
 
-Ratios are a baseline's median time over ours (> 1: ours is faster), from one run;
+Ratios are a baseline's median time over ours (> 1: ours is faster), from one run
+(``--rounds`` interleaves the contestants and takes the median of the round medians);
 ``torch_muon/ours_fp32_ns`` compares torch.optim.Muon with the fp32 row. ``agreement`` is
 each optimizer row's relative Frobenius distance, for one step's update from the same
 start, to that update in float64: rows doing the same math sit at the same distance.
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every contestant this many times, interleaved, so load drift on a "
+                             "shared machine hits all alike; report the median of round medians")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contestant")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 avoids OpenMP spin-waits on a loaded machine)")
@@ -143,6 +147,17 @@ def _measure(make, step, device, warmup, repeats):
             torch.cuda.empty_cache()
 
 
+def _combine(results: list[dict]) -> dict:
+    """One contestant's rounds: median of the round medians, overall min, total repeats."""
+    import statistics
+
+    done = [r for r in results if "median_s" in r]
+    if len(done) < len(results):
+        return next(r for r in results if "median_s" not in r)
+    return {"median_s": statistics.median(r["median_s"] for r in done), "min_s": min(r["min_s"] for r in done),
+            "repeats": sum(r["repeats"] for r in done), "round_medians_s": [r["median_s"] for r in done]}
+
+
 def _table(result: dict) -> str:
     lines = [f"bench optim on {result['machine']['device']} ({result['dtype']} params, {result['threads']} threads)"]
     for model, r in result["models"].items():
@@ -162,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ._timing import emit, machine_info
 
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -172,13 +189,13 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     models = args.model or (["d12", "d20"] if torch.device(device).type == "cuda" else ["small"])
     result = {"machine": machine_info(), "device": device, "dtype": args.dtype, "hyper": HYPER,
-              "threads": torch.get_num_threads(), "models": {}}
+              "threads": torch.get_num_threads(), "rounds": args.rounds, "models": {}}
     for model in models:
         shapes = hidden_shapes(*MODELS[model])
-        times = {
-            name: _measure(make, step, device, args.warmup, args.repeats)
-            for name, (make, step) in _contestants(shapes, device, dtype, not args.no_compile).items()
-        }
+        contestants = _contestants(shapes, device, dtype, not args.no_compile)
+        rounds = [{name: _measure(make, step, device, args.warmup, args.repeats)
+                   for name, (make, step) in contestants.items()} for _ in range(args.rounds)]
+        times = {name: _combine([r[name] for r in rounds]) for name in contestants}
         pairs = [(name, "ours") for name in times if name != "ours"] + [("torch_muon", "ours_fp32_ns")]
         ratios = {
             f"{base}/{mine}": times[base]["median_s"] / times[mine]["median_s"]
