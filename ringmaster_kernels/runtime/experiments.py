@@ -187,12 +187,14 @@ def tune(
     seed: int = TUNE_SEED,
     grids: dict[str, list[dict[str, float]]] | None = None,
     anchors: dict[str, dict[str, float]] | None = None,
+    cap: float = math.inf,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Grid-search every method on ``seed``: ``{method: {"best": params, "grid": [rows]}}``.
 
     ``grids`` maps a method to its candidates (default: :func:`grid_for`, the paper's grid);
-    ``anchors`` gives a method's likely best, run first so that its time caps the rest.
+    ``anchors`` gives a method's likely best, run first so that its time caps the rest;
+    ``cap`` bounds every run's horizon further (a time that no longer matters).
     A row is ``{"params", "time_to_target" (None if not reached), "final"}``. Runs stop at
     the target, and once some step size reached it, later runs also stop at the best time
     so far (they cannot beat it), so a hopeless run costs little. After the anchor, largest
@@ -201,7 +203,7 @@ def tune(
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
         rows = []
-        best_time = math.inf
+        best_time = cap
         candidates = grids[method] if grids is not None else grid_for(method)
         anchor = (anchors or {}).get(method)
         for params in sorted(candidates, key=lambda p: (p != anchor, -p["lr"])):
@@ -250,16 +252,21 @@ def sweep(
         # cheap baselines first, so the caps of the costly asynchronous ones are tight
         order = ("ringmaster", "sync", "rennala", "async", "delay_adaptive")
         chosen = dict(params_by_method)
-        if retune:
-            grids = {m: local_grid(params_by_method[m]) for m in order}
-            tuned = tune(e, order, seed=TUNE_SEED, grids=grids, anchors=params_by_method,
-                         progress=None if progress is None else (lambda label: progress(f"S={level:g} tune {label}")))
-            chosen = {m: tuned[m]["best"] for m in order}
+        tune_times: dict[str, float] = {}
         for method in order:
+            # after sync, a baseline only matters if it beats the best baseline so far
+            bound = min([tune_times[m] for m in tune_times if m != "ringmaster"] + [cap]) if method in order[2:] else cap
+            if retune:
+                tuned = tune(e, (method,), seed=TUNE_SEED, grids={method: local_grid(params_by_method[method])},
+                             anchors=params_by_method, cap=bound,
+                             progress=None if progress is None else (lambda label: progress(f"S={level:g} tune {label}")))
+                chosen[method] = tuned[method]["best"]
+                best_row = next(r for r in tuned[method]["grid"] if r["params"] == chosen[method])
+                tune_times[method] = math.inf if best_row["time_to_target"] is None else best_row["time_to_target"]
             if progress is not None:
                 progress(f"S={level:g} {method}")
             reached = [times[m] for m in BASELINES if times.get(m) is not None]
-            horizon = min([cap] + reached) if method != "sync" and method != "ringmaster" else cap
+            horizon = min([cap] + reached) if method in order[2:] else cap
             trace = e.run(method, chosen[method], seed=seed, stop_at_target=True, horizon=horizon)
             times[method] = trace.time_to_target(e.target * trace.initial_metric)
         ours = times["ringmaster"]
