@@ -275,3 +275,12 @@ def test_ringmaster_R1_is_rennala_B1():
     b = exp.run("rennala", {"lr": 0.2, "batch": 1}, seed=5)
     assert np.array_equal(a.time, b.time) and np.array_equal(a.metric, b.metric, equal_nan=True)
     assert a.num_discarded == b.num_discarded and a.started == b.started
+
+
+def test_sampler_draws_do_not_depend_on_block_boundaries():
+    tm = make_time_model("paper", 5)
+    one_block = tm.sampler(np.random.default_rng(3), block=1000)
+    tiny_blocks = tm.sampler(np.random.default_rng(3), block=3)
+    calls = [np.arange(5), 2, np.array([0, 4]), 1, np.arange(5), 3]
+    for w in calls:
+        np.testing.assert_array_equal(one_block(w, 0.0), tiny_blocks(w, 0.0))
