@@ -165,7 +165,7 @@ def _quadratic(args, ex, exp, methods, params, overridden) -> int:
     if args.json:
         if tuning is not None:
             result["tuning"] = tuning
-        print(json.dumps(result, default=_jsonable))
+        print(json.dumps(_finite(result), allow_nan=False))
     else:
         print(f"quadratic: n={exp.workers} d={exp.dim} horizon={exp.horizon:g} S={exp.heterogeneity:g} "
               f"seed={args.seed} target={args.target:g} x ||grad f(x0)||^2   wall {wall:.1f} s")
@@ -196,8 +196,15 @@ def _print_grid(method: str, tuning: dict, seed: int) -> None:
     print(f"chosen {method}: {tuning['best']}")
 
 
-def _jsonable(value):
-    return None if isinstance(value, float) and math.isinf(value) else str(value)
+def _finite(value):
+    """``value`` with every non-finite float (a diverged run, an unreached time) as ``None``: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _plot_curves(path, methods, traces, params, exp) -> None:
@@ -253,7 +260,7 @@ def _sweep(args, ex, exp, levels) -> int:
         fig.savefig(args.plot, dpi=120)
         plt.close(fig)
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(_finite(out), allow_nan=False))
     else:
         print(f"sweep: n={exp.workers} d={exp.dim} target={exp.target:g} seed={args.seed}")
         names = ("ringmaster",) + ex.BASELINES
