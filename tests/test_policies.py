@@ -234,3 +234,19 @@ def test_fused_step_matches_unfused(method):
         assert a.on_gradient(0, a.version, g) == f.on_gradient(0, f.version, g)
     for pa, pf in zip(a.params, f.params):
         torch.testing.assert_close(pa, pf, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_fused_policy_on_cuda_matches_cpu_twin_path():
+    """The real runtime's path: fused Triton step on CUDA tensors, same decisions as on CPU."""
+    W, b = torch.randn(48, 40), torch.randn(40)
+    groups = lambda dev: [{"params": [W.clone().to(dev)], "norm": "sign"}, {"params": [b.clone().to(dev)], "norm": "l2"}]  # noqa: E731
+    cpu = make_policy("ringmaster", groups("cpu"), num_workers=3, lr=0.01, threshold=2)
+    gpu = make_policy("ringmaster", groups("cuda"), num_workers=3, lr=0.01, threshold=2, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    for worker, lag in [(0, 0), (1, 1), (2, 0), (0, 2), (1, 0)]:
+        g = [torch.randn(48, 40, generator=gen), torch.randn(40, generator=gen)]
+        v = max(0, cpu.version - lag)
+        assert cpu.on_gradient(worker, v, g) == gpu.on_gradient(worker, v, [t.cuda() for t in g])
+    for pc, pg in zip(cpu.params, gpu.params):
+        torch.testing.assert_close(pg.cpu(), pc, rtol=1e-5, atol=1e-6)
