@@ -16,6 +16,7 @@ _EXPORTS = {
     "norms": None,
     "GradientQueue": "queue",
     "Gluon": "optim",
+    "GluonAdamW": "optim",
     "muon_groups": "optim",
     "scion_groups": "optim",
 }
