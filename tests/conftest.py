@@ -24,6 +24,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+@pytest.fixture(params=["default", "tiny"])
+def tiles(request, monkeypatch):
+    """Default LMO-kernel tiles, and tiny ones so every tensor spans many tiles (atomics across tiles)."""
+    if request.param == "tiny":
+        from ringmaster_kernels.kernels import lmo as lmo_kernels  # triton: only after TRITON_INTERPRET is set
+
+        monkeypatch.setattr(lmo_kernels, "_TILE_INTERPRET", 32)
+        monkeypatch.setattr(lmo_kernels, "_TILE", 32)
+        monkeypatch.setattr(lmo_kernels, "_MAX_BC", 4)
+    return request.param
+
+
 @pytest.fixture
 def kernel_device() -> torch.device:
     return KERNEL_DEVICE

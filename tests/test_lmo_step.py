@@ -40,16 +40,6 @@ def _clone(ts):
     return [t.clone() for t in ts]
 
 
-@pytest.fixture(params=["default", "tiny"])
-def tiles(request, monkeypatch):
-    """Default tiles, and tiny ones so every tensor spans many tiles (atomics across tiles)."""
-    if request.param == "tiny":
-        monkeypatch.setattr(lmo_kernels, "_TILE_INTERPRET", 32)
-        monkeypatch.setattr(lmo_kernels, "_TILE", 32)
-        monkeypatch.setattr(lmo_kernels, "_MAX_BC", 4)
-    return request.param
-
-
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("name", norms.KNOWN)
 def test_twin_matches_float64_formula(name, nesterov):

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringmaster_kernels import norms
-from ringmaster_kernels.kernels import lmo as lmo_kernels
 
 ELEMENTWISE = [n for n in norms.KNOWN if norms.get(n).mode != "direction"]  # the norms with Triton kernels
 
@@ -191,16 +190,6 @@ def test_non_finite_input_is_confined_to_its_unit(name, backend, kernel_device):
 
 
 # ---------------------------------------------------------------- kernels against the twin
-@pytest.fixture(params=["default", "tiny"])
-def tiles(request, monkeypatch):
-    """Default tiles, and tiny ones so every tensor spans many tiles (atomics across tiles)."""
-    if request.param == "tiny":
-        monkeypatch.setattr(lmo_kernels, "_TILE_INTERPRET", 32)
-        monkeypatch.setattr(lmo_kernels, "_TILE", 32)
-        monkeypatch.setattr(lmo_kernels, "_MAX_BC", 4)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", ELEMENTWISE)
 def test_kernel_matches_twin(name, dtype, tiles, kernel_device):
