@@ -45,28 +45,26 @@ def orthogonalize(
     sched = schedule(coefficients, steps)
     dtype = compute_dtype or default_compute_dtype(G.device)
     X = (G.float() * inverse_norm(G, sched.safety, eps)).to(dtype).reshape(G.shape[:-2].numel(), *G.shape[-2:])
+    # A tall X iterates in its own orientation on A = X^T X, X' = a X + X B: the same
+    # polynomial as on X^T, without the transposed views that make bmm copy on CPU.
     tall = G.size(-2) > G.size(-1)
-    if tall:  # iterate on the wide orientation so A = X X^T is the small Gram matrix
-        X = X.mT
     for a, b, c in sched.triples:
         # baddbmm rounds each polynomial once, as the kernels' fp32 epilogues and
         # torch.optim.Muon's addmm do; separate ops would round (in bf16) 3-4 times.
-        A = torch.bmm(X, X.mT)
+        A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
         # c = 0 (cubic schedules): torch's CPU bf16 baddbmm with alpha=0 returns the
         # input unscaled, ignoring beta (torch 2.13), so skip the product instead.
         B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0.0 else b * A
-        X = torch.baddbmm(X, B, X, beta=a)
-    X = (X.mT if tall else X).reshape(G.shape)
+        X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
+    X = X.reshape(G.shape)
     if scale != 1.0 or beta != 0.0:  # combine in (at least) fp32, rounding once into G's dtype
         wide = torch.promote_types(X.dtype, torch.float32)
         X = scale * X.to(wide)
         if beta != 0.0:
             X = X + beta * out.to(wide)
-    result = X.to(G.dtype)
-    if out is None:
-        return result.contiguous()
-    out.copy_(result)
-    return out
+    if out is None:  # one pass converts and lays out (X is strided like G when steps = 0)
+        return X.to(G.dtype, memory_format=torch.contiguous_format)
+    return out.copy_(X)
 
 
 # ---------------------------------------------------------------- Norms and LMO step
