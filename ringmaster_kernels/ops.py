@@ -5,20 +5,18 @@ import math
 
 import torch
 
-from . import reference
+from . import catalogue, reference
 from .backend import resolve_backend
+from .catalogue import FLOAT_DTYPES
 from .coefficients import Coefficients
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-
-def _check_matrix(name: str, G: object) -> None:
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(G).__name__}")
-    if G.dim() < 2:
-        raise ValueError(f"{name} must have shape (m, n) or (..., m, n), got {tuple(G.shape)}")
-    if G.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor ({_FLOAT_DTYPES}), got {G.dtype}")
+def _check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
+    return float(value)
 
 
 def _check_out(out: torch.Tensor | None, like: torch.Tensor) -> None:
@@ -68,17 +66,16 @@ def orthogonalize(
         A tensor of G's shape and dtype (``out`` if given). Non-finite input propagates
         NaN to the output of that matrix only; nothing raises or hangs on it.
     """
-    _check_matrix("G", G)
+    catalogue.check_float_tensor("G", G)
     _check_out(out, G)
     if not (eps >= 0.0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    for name, value in (("scale", scale), ("beta", beta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    _check_real("scale", scale)
+    _check_real("beta", beta)
     if beta != 0.0 and out is None:
         raise ValueError("beta != 0 accumulates into out, so out must be given")
-    if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"compute_dtype must be one of {_FLOAT_DTYPES}, got {compute_dtype}")
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
     if resolve_backend(backend, G) == "triton":
         from .kernels import newton_schulz
 
@@ -87,18 +84,8 @@ def orthogonalize(
 
 
 # ---------------------------------------------------------------- fused LMO step
-def _check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
 def _check_lists(spec, params, grads, momenta) -> list[torch.Tensor]:
     """Validate the three lists; return grads, made contiguous where they were not."""
-    from .norms import check_tensor
-
     lists = {"params": params, "grads": grads, "momenta": momenta}
     for name, seq in lists.items():
         if not isinstance(seq, (list, tuple)):
@@ -110,7 +97,7 @@ def _check_lists(spec, params, grads, momenta) -> list[torch.Tensor]:
     device = params[0].device if params and isinstance(params[0], torch.Tensor) else None
     for i, (x, g, m) in enumerate(zip(params, grads, momenta)):
         for name, t in (("params", x), ("grads", g), ("momenta", m)):
-            check_tensor(f"{name}[{i}]", t, spec)
+            catalogue.check_tensor(f"{name}[{i}]", t, spec)
             if t.shape != x.shape:
                 raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, params[{i}] has {tuple(x.shape)}")
             if t.device != device:
@@ -168,11 +155,9 @@ def lmo_step_(
     non-finite gradient poisons that tensor's momentum and makes the affected units
     of x NaN (see ``norms``): skip the step upstream if that must not happen.
     """
-    from . import norms
-
-    spec = norms.get(norm)
-    opts = norms.resolve_options(spec, options)
-    radius = norms.check_radius(radius)
+    spec = catalogue.get(norm)
+    opts = catalogue.resolve_options(spec, options)
+    radius = catalogue.check_radius(radius)
     lr = _check_real("lr", lr)
     beta = _check_real("beta", beta, 0.0, 1.0)
     weight_decay = _check_real("weight_decay", weight_decay)
