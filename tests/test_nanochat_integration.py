@@ -88,6 +88,16 @@ def backward(model: FakeGPT, seed: int) -> None:
     model(idx, torch.randint(0, 37, (2, 9), generator=g)).backward()
 
 
+def train(model: FakeGPT, opt: torch.optim.Optimizer, steps: range, scheduled: bool = True) -> None:
+    """Steps as base_train takes them: backward on batch `step`, (schedule,) step, clear grads."""
+    for step in steps:
+        backward(model, step)
+        if scheduled:
+            schedule(opt, step)
+        opt.step()
+        model.zero_grad(set_to_none=True)
+
+
 # ---------------------------------------------------------------- float64 re-implementation
 def ref_orthogonalize(X: torch.Tensor, steps: int) -> torch.Tensor:
     """NanoChat's Polar Express iteration on one matrix, float64."""
@@ -263,11 +273,7 @@ def test_state_dict_round_trip_is_bitwise():
     torch.manual_seed(0)
     model = FakeGPT()
     opt = make_optimizer(model)
-    for step in range(2):
-        backward(model, step)
-        schedule(opt, step)
-        opt.step()
-        model.zero_grad(set_to_none=True)
+    train(model, opt, range(2))
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
@@ -277,11 +283,7 @@ def test_state_dict_round_trip_is_bitwise():
     opt2 = make_optimizer(clone)
     opt2.load_state_dict(saved["opt"])
     for m, o in ((model, opt), (clone, opt2)):
-        for step in range(2, 4):
-            backward(m, step)
-            schedule(o, step)
-            o.step()
-            m.zero_grad(set_to_none=True)
+        train(m, o, range(2, 4))
     for (n, p), q in zip(model.named_parameters(), clone.parameters()):
         assert torch.equal(p, q), n
     for s in opt2.state.values():
@@ -295,10 +297,7 @@ def test_loads_a_nanochat_format_state_dict():
     torch.manual_seed(0)
     model = FakeGPT()
     opt = make_optimizer(model)
-    for step in range(2):
-        backward(model, step)
-        opt.step()
-        model.zero_grad(set_to_none=True)
+    train(model, opt, range(2), scheduled=False)
     saved = copy.deepcopy(opt.state_dict())
     nanochat_keys = {"params", "kind", "lr", "initial_lr", "betas", "eps", "weight_decay", "momentum", "ns_steps", "beta2"}
     saved["param_groups"] = [{k: v for k, v in g.items() if k in nanochat_keys} for g in saved["param_groups"]]
