@@ -5,11 +5,14 @@ prints a table or, with ``--json``, ``{"target", "methods": {NAME: {...}}}``; ``
 writes ||grad f||^2 vs virtual time. ``--tune`` runs the paper's grid on ``--tune-seed``
 and reports the chosen values on ``--seed``. ``sweep`` runs a heterogeneity sweep and
 reports Ringmaster's time-to-target speed-up over synchronous LMO and over the best other
-baseline at each level. Progress goes to stderr (tqdm).
+baseline at each level. Progress goes to stderr (tqdm). Both take faults: ``--outlier
+WORKER:FACTOR`` (a straggler) and ``--die WORKER@TIME`` (a worker lost in virtual time),
+each repeatable, applied at every heterogeneity level.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -51,18 +54,98 @@ def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: floa
     p.add_argument("--radius", type=float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
     p.add_argument("--momentum", type=float, default=0.95, help="beta")
     p.add_argument("--seed", type=int, default=1, help="seed of the reported run")
+    p.add_argument("--outlier", action="append", default=[], type=_outlier, metavar="WORKER:FACTOR",
+                   help="worker WORKER (0-based) computes FACTOR (> 0) times slower; repeatable")
+    p.add_argument("--die", action="append", default=[], type=_death, metavar="WORKER@TIME",
+                   help="worker WORKER (0-based) is lost at virtual time TIME (>= 0) and the method "
+                        "stops waiting for it (policy.remove_worker); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", help="write a PNG here")
+
+
+def _fault(text: str, sep: str, form: str, valid, wanted: str) -> tuple[int, float]:
+    """``"WORKER<sep>VALUE"`` as ``(worker, value)``; argparse reports the error with the flag."""
+    worker, found, value = text.partition(sep)
+    try:
+        parsed = int(worker), float(value)
+    except ValueError:
+        parsed = None
+    if not found or parsed is None:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+    if parsed[0] < 0:
+        raise argparse.ArgumentTypeError(f"WORKER must be >= 0, got {text!r}")
+    if not valid(parsed[1]):
+        raise argparse.ArgumentTypeError(f"{form.split(sep)[1]} must be {wanted}, got {text!r}")
+    return parsed
+
+
+def _outlier(text: str) -> tuple[int, float]:
+    return _fault(text, ":", "WORKER:FACTOR", lambda f: math.isfinite(f) and f > 0, "a finite number > 0")
+
+
+def _death(text: str) -> tuple[int, float]:
+    return _fault(text, "@", "WORKER@TIME", lambda t: math.isfinite(t) and t >= 0, "a finite number >= 0")
+
+
+def _check_faults(args: argparse.Namespace) -> None:
+    """Worker ids against ``--workers``, and no worker given twice per flag (ValueError naming the flag)."""
+    for flag, faults in (("--outlier", args.outlier), ("--die", args.die)):
+        seen = set()
+        for worker, _ in faults:
+            if worker >= args.workers:
+                raise ValueError(f"{flag}: worker {worker} is not in [0, {args.workers}) (--workers {args.workers})")
+            if worker in seen:
+                raise ValueError(f"{flag}: worker {worker} is given twice")
+            seen.add(worker)
+
+
+def __getattr__(name: str):
+    # pickle finds the class by name: how ``--jobs`` worker processes unpickle an experiment
+    if name == "FaultyExperiment":
+        return _faulty_experiment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _faulty_experiment() -> type:
+    """``FaultyExperiment``, a ``QuadraticExperiment`` whose time model has faults; built on
+    first use because it subclasses a class whose module imports torch (this module must
+    import light)."""
+    from dataclasses import dataclass
+
+    from ..runtime.experiments import QuadraticExperiment
+    from ..runtime.time_models import check_faults, with_faults
+
+    @dataclass(frozen=True)
+    class FaultyExperiment(QuadraticExperiment):
+        """``outliers``: ``((worker, factor), ...)``; ``deaths``: ``((worker, time), ...)``
+        (see :func:`~ringmaster_kernels.runtime.time_models.with_faults`)."""
+
+        outliers: tuple[tuple[int, float], ...] = ()
+        deaths: tuple[tuple[int, float], ...] = ()
+
+        def validate(self) -> None:
+            super().validate()
+            check_faults(self.workers, dict(self.outliers), dict(self.deaths))
+
+        def build(self, method, params):
+            policy, objective, time_model = super().build(method, params)
+            return policy, objective, with_faults(time_model, outliers=dict(self.outliers), deaths=dict(self.deaths))
+
+    FaultyExperiment.__module__, FaultyExperiment.__qualname__ = __name__, "FaultyExperiment"
+    return FaultyExperiment
 
 
 def run(args: argparse.Namespace) -> int:
     from ..runtime import experiments as ex
 
     try:
-        exp = ex.QuadraticExperiment(
+        _check_faults(args)
+        exp = _faulty_experiment()(
             workers=args.workers, dim=args.dim, horizon=args.horizon,
             heterogeneity=getattr(args, "heterogeneity", 1.0), time_model=args.time_model,
             noise=args.noise, target=args.target, norm=args.norm, radius=args.radius, momentum=args.momentum,
+            outliers=tuple(args.outlier), deaths=tuple(args.die),
         )
         exp.validate()
         if not (0.0 <= args.momentum < 1.0):
@@ -168,7 +251,7 @@ def _quadratic(args, ex, exp, methods, params, overridden) -> int:
         print(json.dumps(_finite(result), allow_nan=False))
     else:
         print(f"quadratic: n={exp.workers} d={exp.dim} horizon={exp.horizon:g} S={exp.heterogeneity:g} "
-              f"seed={args.seed} target={args.target:g} x ||grad f(x0)||^2   wall {wall:.1f} s")
+              f"seed={args.seed} target={args.target:g} x ||grad f(x0)||^2{_faults_text(exp)}   wall {wall:.1f} s")
         if tuning is not None:
             for m, t in tuning.items():
                 _print_grid(m, t, args.tune_seed)
@@ -179,6 +262,12 @@ def _quadratic(args, ex, exp, methods, params, overridden) -> int:
             p = ", ".join(f"{k}={v:g}" for k, v in params[m].items())
             print(f"{m:<16}{p:<30}{r['final_grad_norm_sq']:>14.3e}{ttt:>10}{r['accepted']:>10}{r['discarded']:>11}{tr.wall_s:>8.1f}")
     return 0
+
+
+def _faults_text(exp) -> str:
+    """The faults as the flags that set them (empty without faults), for the table headers."""
+    flags = [f"--outlier {w}:{f:g}" for w, f in exp.outliers] + [f"--die {w}@{t:g}" for w, t in exp.deaths]
+    return "  faults: " + " ".join(flags) if flags else ""
 
 
 def _print_grid(method: str, tuning: dict, seed: int) -> None:
@@ -262,7 +351,7 @@ def _sweep(args, ex, exp, levels) -> int:
     if args.json:
         print(json.dumps(_finite(out), allow_nan=False))
     else:
-        print(f"sweep: n={exp.workers} d={exp.dim} target={exp.target:g} seed={args.seed}")
+        print(f"sweep: n={exp.workers} d={exp.dim} target={exp.target:g} seed={args.seed}{_faults_text(exp)}")
         names = ("ringmaster",) + ex.BASELINES
         print(f"{'S':>6}" + "".join(f"{n:>16}" for n in names) + f"{'vs sync':>10}{'vs best':>10}")
         for r in rows:

@@ -1,9 +1,10 @@
 """Compute-time models: how long worker i takes for one gradient, in virtual time.
 
 A model is data: a per-worker base time ``tau_i``, a per-call noise law scaled per
-worker, and optional faults (a slow outlier, workers that die at a given time). All
-draws for a batch of workers are vectorized and come from the caller's
-``numpy.random.Generator``, so a simulation is reproducible bit for bit from its seed.
+worker, and optional faults (slow outliers, workers that die at a given time; see
+:func:`with_faults`). All draws for a batch of workers are vectorized and come from the
+caller's ``numpy.random.Generator``, so a simulation is reproducible bit for bit from its
+seed. Deaths are events of the simulator (``runtime/simulator.py``), not of the draws.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ NOISES = ("none", "halfnormal", "exponential", "pareto")
 
 @dataclass
 class TimeModel:
-    """Per-call compute time ``base[i] + scale[i] * noise`` (``inf`` once a worker is dead).
+    """Per-call compute time ``base[i] + scale[i] * noise``, and when each worker dies.
 
     Attributes:
         base: (n,) float64, the deterministic part ``tau_i`` (> 0).
@@ -27,7 +28,9 @@ class TimeModel:
         noise: one of :data:`NOISES`: ``halfnormal`` is ``|N(0, 1)|``, ``exponential``
             is Exp(1), ``pareto`` is Lomax(``pareto_shape``) (heavy-tailed, mean
             ``1/(shape-1)``).
-        death_time: (n,) float64; a job that would end after it never ends.
+        death_time: (n,) float64, virtual time worker ``i`` is lost for good (``inf``:
+            never; >= 0). A job that would end after it never ends; one ending exactly
+            then is delivered. The simulator turns it into a death event.
         pareto_shape: tail index of the ``pareto`` noise (> 1 for a finite mean).
     """
 
@@ -52,6 +55,8 @@ class TimeModel:
         if self.death_time is None:
             self.death_time = np.full(n, np.inf)
         self.death_time = np.broadcast_to(np.asarray(self.death_time, dtype=np.float64), (n,)).copy()
+        if not np.all(self.death_time >= 0):  # NaN fails too
+            raise ValueError("death_time must be >= 0 (inf: never)")
         if not (self.pareto_shape > 1):
             raise ValueError(f"pareto_shape must be > 1, got {self.pareto_shape}")
 
@@ -68,17 +73,18 @@ class TimeModel:
             return rng.pareto(self.pareto_shape, m)
         return np.zeros(m)
 
-    def sampler(self, rng: np.random.Generator, block: int = 8192) -> Callable[[int | np.ndarray, float], float | np.ndarray]:
-        """A function ``sample(workers, now)``: durations of jobs started at ``now``.
+    def sampler(self, rng: np.random.Generator, block: int = 8192) -> Callable[[int | np.ndarray], float | np.ndarray]:
+        """A function ``sample(workers)``: durations of jobs the workers start now.
 
         ``workers`` is one worker id (returns a float) or an int array (returns an
         array, one draw per worker in the given order). Noise is drawn from ``rng`` in
         blocks of ``block`` and consumed in order, so results depend only on the seed
-        and the sequence of calls; a job a worker's death interrupts lasts ``inf``.
+        and the sequence of calls. Deaths are ignored: the simulator ends a dead
+        worker's job at the death event (a job cancelled before it restarts normally).
         """
         buffer = self._draws(rng, block)
         pos = 0
-        base, scale, death = self.base, self.scale, self.death_time
+        base, scale = self.base, self.scale
 
         def take(m: int) -> np.ndarray:
             nonlocal buffer, pos
@@ -92,16 +98,15 @@ class TimeModel:
                 m -= k
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-        def sample(workers, now: float):
+        def sample(workers):
             nonlocal buffer, pos
             if isinstance(workers, (int, np.integer)):  # one restart per event: the hot path
                 if pos == block:
                     buffer, pos = self._draws(rng, block), 0
                 duration = base[workers] + scale[workers] * buffer[pos]
                 pos += 1
-                return math.inf if now + duration > death[workers] else float(duration)
-            duration = base[workers] + scale[workers] * take(workers.shape[0])
-            return np.where(now + duration > death[workers], np.inf, duration)
+                return float(duration)
+            return base[workers] + scale[workers] * take(workers.shape[0])
 
         return sample
 
@@ -120,7 +125,7 @@ def make_time_model(
     noise: str | None = None,
     noise_scale: float | None = None,
     tau: float = 1.0,
-    outlier: tuple[int, float] | None = None,
+    outliers: dict[int, float] | None = None,
     deaths: dict[int, float] | None = None,
     seed: int = 0,
 ) -> TimeModel:
@@ -136,9 +141,8 @@ def make_time_model(
     * ``uniform``: fixed ``tau_i ~ tau * U[1, 1 + S]`` drawn once from ``seed``.
 
     ``noise`` overrides the noise law (``none``/``halfnormal``/``exponential``/``pareto``);
-    ``noise_scale`` is relative to ``tau_i`` for all but ``paper``. ``outlier=(j, f)``
-    multiplies worker ``j``'s (0-based) time by ``f``; ``deaths={j: t}`` kills worker ``j``
-    at virtual time ``t``.
+    ``noise_scale`` is relative to ``tau_i`` for all but ``paper``. ``outliers`` and
+    ``deaths``: see :func:`with_faults`.
     """
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
@@ -168,20 +172,45 @@ def make_time_model(
         scale = base * (0.05 if noise_scale is None else noise_scale)
         law = "halfnormal"
     law = noise if noise is not None else law
-    if outlier is not None:
-        j, factor = outlier
-        if not 0 <= j < num_workers:
-            raise ValueError(f"outlier worker must be in [0, {num_workers}), got {j}")
-        if not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"outlier factor must be a finite number > 0, got {factor}")
-        base, scale = base.copy(), scale.copy()
-        base[j] *= factor
-        scale[j] *= factor
-    death = np.full(num_workers, np.inf)
-    for j, t in (deaths or {}).items():
-        if not 0 <= j < num_workers:
-            raise ValueError(f"deaths: worker must be in [0, {num_workers}), got {j}")
-        if not t >= 0:
-            raise ValueError(f"deaths: time must be >= 0, got {t}")
-        death[j] = t
-    return TimeModel(base, scale, law, death)
+    return with_faults(TimeModel(base, scale, law), outliers=outliers, deaths=deaths)
+
+
+def check_faults(num_workers: int, outliers: dict[int, float] | None = None, deaths: dict[int, float] | None = None) -> None:
+    """Raise ``ValueError`` naming ``outliers`` or ``deaths`` if a worker id is not an int in
+    ``[0, num_workers)``, a factor is not a finite number > 0, or a death time is not a
+    number >= 0."""
+    for name, faults, valid, wanted in (
+        ("outliers", outliers, lambda f: math.isfinite(f) and f > 0, "a finite number > 0"),
+        ("deaths", deaths, lambda t: t >= 0, "a number >= 0"),
+    ):
+        for worker, value in (faults or {}).items():
+            if isinstance(worker, bool) or not isinstance(worker, (int, np.integer)) or not 0 <= worker < num_workers:
+                raise ValueError(f"{name}: worker must be an int in [0, {num_workers}), got {worker!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+                raise ValueError(f"{name}: value for worker {worker} must be {wanted}, got {value!r}")
+
+
+def with_faults(model: TimeModel, *, outliers: dict[int, float] | None = None,
+                deaths: dict[int, float] | None = None) -> TimeModel:
+    """``model`` with faults added (``model`` itself when there are none).
+
+    Args:
+        model: the healthy time model.
+        outliers: ``{worker: factor}`` (0-based ids): the worker's base time and noise
+            scale are multiplied by ``factor`` (> 0; e.g. 10 for a 10x slower straggler).
+        deaths: ``{worker: t}``: the worker is lost for good at virtual time ``t``
+            (>= 0; an earlier death in ``model`` is kept).
+
+    Raises:
+        ValueError: naming ``outliers`` or ``deaths`` (see :func:`check_faults`).
+    """
+    check_faults(model.num_workers, outliers, deaths)
+    if not outliers and not deaths:
+        return model
+    base, scale, death = model.base.copy(), model.scale.copy(), model.death_time.copy()
+    for worker, factor in (outliers or {}).items():
+        base[worker] *= factor
+        scale[worker] *= factor
+    for worker, t in (deaths or {}).items():
+        death[worker] = min(death[worker], t)
+    return TimeModel(base, scale, model.noise, death, model.pareto_shape)
