@@ -64,7 +64,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..coefficients import POLAR_EXPRESS
-from ..optim.gluon import MOMENTUM, LMOStateMixin, _check_number, _collect_grads, matrix_shape
+from ..optim.gluon import MOMENTUM, LMOStateMixin, _check_number, _closure_loss, _collect_grads, matrix_shape
 
 __all__ = ["RingmasterMuonAdamW", "EXTRAS", "nanochat_coefficients", "install", "patch"]
 
@@ -175,10 +175,7 @@ class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Average gradients across ranks, then step every group once; returns ``closure()``'s loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         grads = _collect_grads(self.param_groups, type(self).__name__)
         self._average(grads)
         if not self._grads_ok(grads):

@@ -121,6 +121,14 @@ def _extremes(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, math.inf))  # max |g|: one fused launch on CUDA
 
 
+def _closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """``closure()`` with autograd on (``step`` runs under no_grad), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _collect_grads(param_groups: Iterable[dict[str, Any]], owner: str) -> list[torch.Tensor]:
     """Every present gradient, in group order; rejects sparse gradients by name."""
     grads = []
@@ -221,10 +229,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step over every parameter that has a gradient; returns ``closure()``'s loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         if self._grads_ok(_collect_grads(self.param_groups, type(self).__name__)):
             for gi, group in enumerate(self.param_groups):
                 self._group_step(group, gi)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .gluon import Gluon, LMOStateMixin, _collect_grads, matrix_shape
+from .gluon import Gluon, LMOStateMixin, _closure_loss, _collect_grads, matrix_shape
 
 ROLES = ("hidden", "embedding", "head", "vector")
 KINDS = ("gluon", "adamw")
@@ -264,10 +264,7 @@ class GluonAdamW(LMOStateMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Step both kinds once; returns ``closure()``'s loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         if self._grads_ok(_collect_grads(self.param_groups, type(self).__name__)):
             for inner in self._inner.values():
                 inner.step()
