@@ -12,6 +12,7 @@ import queue
 import numpy as np
 import pytest
 
+from ringmaster_kernels.commands.bench_queue import push_pop_loop, put_get_loop
 from ringmaster_kernels.queue import GradientQueue, stress
 
 N = 10_000
@@ -24,29 +25,13 @@ def q() -> GradientQueue:
 
 @pytest.mark.benchmark(group="python push+pop pairs")
 def test_gradient_queue_push_pop(benchmark, q):
-    slot = q.acquire_slot()
-
-    def loop() -> None:
-        push, pop = q.push, q.pop
-        for i in range(N):
-            push(slot, 0, i)
-            pop()
-
-    benchmark(loop)
+    benchmark(push_pop_loop(q, q.acquire_slot(), N))
     assert q.stats()["popped"] == q.stats()["pushed"] > 0
 
 
 @pytest.mark.benchmark(group="python push+pop pairs")
 def test_simplequeue_put_get(benchmark):
-    sq = queue.SimpleQueue()
-
-    def loop() -> None:
-        put, get = sq.put, sq.get
-        for i in range(N):
-            put((0, 0, i))
-            get()
-
-    benchmark(loop)
+    benchmark(put_get_loop(queue.SimpleQueue(), 0, N))
 
 
 @pytest.mark.benchmark(group="python drain of 1024 records")

@@ -20,6 +20,29 @@ All figures come from one run, with the Python baselines (``queue.SimpleQueue``,
 from __future__ import annotations
 
 import argparse
+from typing import Callable
+
+
+def push_pop_loop(q, slot: int, n: int) -> Callable[[], None]:
+    """The timed Python loop: ``n`` times ``q.push(slot, 0, i)`` then ``q.pop()`` (q a GradientQueue)."""
+    def loop() -> None:
+        push, pop = q.push, q.pop  # bound once: attribute lookups would dominate a tight loop
+        for i in range(n):
+            push(slot, 0, i)
+            pop()
+
+    return loop
+
+
+def put_get_loop(sq, slot: int, n: int) -> Callable[[], None]:
+    """The baseline of ``push_pop_loop``: the same record as a tuple through ``sq.put`` / ``sq.get``."""
+    def loop() -> None:
+        put, get = sq.put, sq.get
+        for i in range(n):
+            put((slot, 0, i))
+            get()
+
+    return loop
 
 
 def _positive_int(text: str) -> int:
@@ -66,12 +89,6 @@ def run(args: argparse.Namespace) -> int:
     q = GradientQueue(capacity=max(1024, 1 << (args.batch - 1).bit_length()), num_slots=1, num_workers=1)
     slot = q.acquire_slot()
 
-    def push_pop() -> None:
-        push, pop = q.push, q.pop
-        for i in range(n):
-            push(slot, 0, i)
-            pop()
-
     def slot_cycle() -> None:
         push, pop, acquire, release = q.push, q.pop, q.acquire_slot, q.release_slot
         q.release_slot(slot)
@@ -80,15 +97,6 @@ def run(args: argparse.Namespace) -> int:
             push(s, 0, i)
             release(pop().slot)
         q.acquire_slot()  # the only slot, so this is `slot` again
-
-    def stdlib_loop(sq):
-        def loop() -> None:
-            put, get = sq.put, sq.get
-            for i in range(n):
-                put((slot, 0, i))
-                get()
-
-        return loop
 
     # The drains get a queue of their own with a slot per cell: each record names
     # a distinct acquired slot, as in real use (a slot is pushed once per acquire).
@@ -117,13 +125,16 @@ def run(args: argparse.Namespace) -> int:
     # Interleaved rounds (each loop once per round, in turn), so that load on a
     # shared machine hits ours and the baselines alike: a rate is count / median
     # round time, a ratio the median of the per-round ratios.
+    def one_round(loop: Callable[[], None]) -> Callable[[], float]:
+        return lambda: time_fn(loop, warmup=0, repeats=1)["median_s"]
+
     timed = {
-        "py_push_pop": (lambda: time_fn(push_pop, warmup=0, repeats=1)["median_s"], n),
-        "py_slot_cycle": (lambda: time_fn(slot_cycle, warmup=0, repeats=1)["median_s"], n),
+        "py_push_pop": (one_round(push_pop_loop(q, slot, n)), n),
+        "py_slot_cycle": (one_round(slot_cycle), n),
         "py_pop_many": (partial(drain_seconds, partial(dq.pop_into, out, 0)), drained),
         "py_pop_many_list": (partial(drain_seconds, partial(dq.pop_many, args.batch, 0)), drained),
-        "simplequeue": (lambda f=stdlib_loop(stdlib_queue.SimpleQueue()): time_fn(f, warmup=0, repeats=1)["median_s"], n),
-        "queue": (lambda f=stdlib_loop(stdlib_queue.Queue()): time_fn(f, warmup=0, repeats=1)["median_s"], n),
+        "simplequeue": (one_round(put_get_loop(stdlib_queue.SimpleQueue(), slot, n)), n),
+        "queue": (one_round(put_get_loop(stdlib_queue.Queue(), slot, n)), n),
     }
     for timer, _ in timed.values():  # warm-up round
         timer()
