@@ -34,7 +34,7 @@ import torch
 
 from . import ops, reference
 from .backend import resolve_backend
-from .catalogue import (  # noqa: F401  (re-exported: norms is the catalogue's public face)
+from .catalogue import (
     KNOWN,
     NORMS,
     SPECTRAL_OPTIONS,
@@ -45,6 +45,12 @@ from .catalogue import (  # noqa: F401  (re-exported: norms is the catalogue's p
     get,
     resolve_options,
 )
+
+# The catalogue's names are re-exported: norms is its public face.
+__all__ = [
+    "KNOWN", "NORMS", "SPECTRAL_OPTIONS", "SPECTRAL_SCALES", "Norm", "check_radius", "check_tensor", "get",
+    "resolve_options", "lmo", "dual_norm", "primal_norm",
+]
 
 
 def lmo(
