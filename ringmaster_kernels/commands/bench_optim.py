@@ -24,6 +24,10 @@ start, to that update in float64: rows doing the same math sit at the same dista
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads inside run(): the CLI stays light to start
+    import torch
 
 # (depth, width) as in NanoChat (model_dim = 64 * depth); "small" is a CPU-sized
 # stand-in, "tiny" a smoke test.
@@ -110,7 +114,7 @@ def _contestants(shapes, device, dtype, compile_twin: bool):
     return out
 
 
-def _first_update(opt) -> "torch.Tensor":
+def _first_update(opt) -> torch.Tensor:
     """One step's update of every parameter, flattened, in fp64 on the CPU."""
     import torch
 
