@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, KERNEL_DEVICE, poison_like
-from ringmaster_kernels import ops, reference
+from ringmaster_kernels import ops
 from ringmaster_kernels.coefficients import POLAR_EXPRESS, QUINTIC, schedule
 from ringmaster_kernels.kernels import newton_schulz as ns
 
