@@ -201,6 +201,19 @@ def test_worker_death_keeps_sync_and_rennala_going(method, params, dead):
     assert values[-1] < before and np.all(np.diff(values[times > death]) < 0)
 
 
+def test_deaths_at_zero_leave_one_worker_then_the_run_ends_at_the_last_death():
+    # workers 0 and 1 die at t = 0 (their first jobs are lost): sync's barrier is worker 2
+    # alone, an update per time unit with no idle worker to restart, until it dies at 3.5
+    tm = make_time_model("constant", 3, noise="none", deaths={0: 0.0, 1: 0.0, 2: 3.5})
+    pol, obj = quad_policy("sync", 3, lr=0.01)
+    tr = simulate(pol, obj, tm, horizon=6)
+    assert tr.time.tolist() == [0.0, 0.0, 1.0, 2.0, 3.0, 3.5] and tr.worker.tolist() == [0, 1, 2, 2, 2, 2]
+    assert tr.death.tolist() == [True, True, False, False, False, True]
+    assert tr.version.tolist() == [0, 0, 1, 2, 3, 3] and tr.lost == 3 and tr.end_time == 3.5
+    pol, obj = quad_policy("sync", 1, lr=0.01)  # the same barrier of one, without deaths
+    assert simulate(pol, obj, fixed_times(1.0), horizon=3).version.tolist() == [1, 2, 3]
+
+
 def test_deaths_after_the_horizon_change_nothing():
     tm = make_time_model("paper", 6)
     late = make_time_model("paper", 6, deaths={0: 31.0, 3: math.inf})

@@ -96,7 +96,7 @@ class TimeModel:
                 parts.append(buffer[pos:pos + k])
                 pos += k
                 m -= k
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return parts[0] if len(parts) == 1 else np.concatenate(parts or [buffer[:0]])  # m = 0: no one to start
 
         def sample(workers):
             nonlocal buffer, pos
