@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from ..backend import interpreting
+
+if TYPE_CHECKING:  # a hint only: the kernels read a catalogue entry, never the catalogue
+    from ..catalogue import Norm
 
 # Elements per tile. In the interpreter the cost is per program, so tiles are larger.
 _TILE = 4096
@@ -194,7 +197,8 @@ def _tile_table(layouts, br: int, bc: int) -> torch.Tensor:
 class _Plan:
     """Everything about a launch that depends on shapes only (cached: steps repeat shapes)."""
 
-    def __init__(self, spec, scale: str, shapes: tuple[torch.Size, ...], device: torch.device, tile: int, max_bc: int):
+    def __init__(self, spec: Norm, scale: str, shapes: tuple[torch.Size, ...], device: torch.device,
+                 tile: int, max_bc: int):
         units = [spec.unit_shape(shape) for shape in shapes]
         layouts = [_layout(shape, spec.mode, rows) for shape, (rows, _) in zip(shapes, units)]
         max_c = max(lay[1] for lay in layouts)
@@ -212,7 +216,8 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(spec, scale: str, shapes: tuple[torch.Size, ...], device: torch.device, tile: int, max_bc: int) -> _Plan:
+def _plan(spec: Norm, scale: str, shapes: tuple[torch.Size, ...], device: torch.device, tile: int,
+          max_bc: int) -> _Plan:
     return _Plan(spec, scale, shapes, device, tile, max_bc)
 
 
@@ -264,7 +269,7 @@ def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def lmo(G: torch.Tensor, spec, radius: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def lmo(G: torch.Tensor, spec: Norm, radius: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """LMO of G (any shape the norm accepts) for the norms with ``mode`` sign/unit/rows/cols.
 
     Two passes at most (the norm's reduction, then the scaled write); G is copied
@@ -288,7 +293,7 @@ def lmo_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momenta: Sequence[torch.Tensor],
-    spec,
+    spec: Norm,
     *,
     lr: float,
     beta: float,
