@@ -16,6 +16,7 @@ ENV_VAR = "RINGMASTER_BACKEND"
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether triton imports here (cached: the import is slow and its answer fixed)."""
     try:
         import triton  # noqa: F401
     except Exception:
