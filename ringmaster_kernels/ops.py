@@ -47,7 +47,8 @@ def orthogonalize(
 
     Args:
         G: (m, n) or a batch (..., m, n) of same-shape matrices; fp32, fp16, bf16 or fp64,
-            any strides. Tall matrices are iterated on their transposed view (no copy).
+            any strides. Tall matrices iterate on the small Gram matrix X^T X (the kernels
+            read them through a transposed view, the twin multiplies in their own layout).
         steps: number of iterations.
         coefficients: ``"quintic"`` (Muon), ``"polar_express"`` or one (a, b, c) per step.
         eps: added to the Frobenius norm before normalizing (done in fp32); a zero
