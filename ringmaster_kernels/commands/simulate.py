@@ -63,8 +63,9 @@ def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: floa
     p.add_argument("--plot", help="write a PNG here")
 
 
-def _fault(text: str, sep: str, form: str, valid, wanted: str) -> tuple[int, float]:
+def _fault(text: str, sep: str, value_name: str, valid, wanted: str) -> tuple[int, float]:
     """``"WORKER<sep>VALUE"`` as ``(worker, value)``; argparse reports the error with the flag."""
+    form = f"WORKER{sep}{value_name}"
     worker, found, value = text.partition(sep)
     try:
         parsed = int(worker), float(value)
@@ -75,16 +76,16 @@ def _fault(text: str, sep: str, form: str, valid, wanted: str) -> tuple[int, flo
     if parsed[0] < 0:
         raise argparse.ArgumentTypeError(f"WORKER must be >= 0, got {text!r}")
     if not valid(parsed[1]):
-        raise argparse.ArgumentTypeError(f"{form.split(sep)[1]} must be {wanted}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{value_name} must be {wanted}, got {text!r}")
     return parsed
 
 
 def _outlier(text: str) -> tuple[int, float]:
-    return _fault(text, ":", "WORKER:FACTOR", lambda f: math.isfinite(f) and f > 0, "a finite number > 0")
+    return _fault(text, ":", "FACTOR", lambda f: math.isfinite(f) and f > 0, "a finite number > 0")
 
 
 def _death(text: str) -> tuple[int, float]:
-    return _fault(text, "@", "WORKER@TIME", lambda t: math.isfinite(t) and t >= 0, "a finite number >= 0")
+    return _fault(text, "@", "TIME", lambda t: math.isfinite(t) and t >= 0, "a finite number >= 0")
 
 
 def _check_faults(args: argparse.Namespace) -> None:
