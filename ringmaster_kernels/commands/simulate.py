@@ -12,7 +12,6 @@ each repeatable, applied at every heterogeneity level.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -100,49 +99,12 @@ def _check_faults(args: argparse.Namespace) -> None:
             seen.add(worker)
 
 
-def __getattr__(name: str):
-    # pickle finds the class by name: how ``--jobs`` worker processes unpickle an experiment
-    if name == "FaultyExperiment":
-        return _faulty_experiment()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def _faulty_experiment() -> type:
-    """``FaultyExperiment``, a ``QuadraticExperiment`` whose time model has faults; built on
-    first use because it subclasses a class whose module imports torch (this module must
-    import light)."""
-    from dataclasses import dataclass
-
-    from ..runtime.experiments import QuadraticExperiment
-    from ..runtime.time_models import check_faults, with_faults
-
-    @dataclass(frozen=True)
-    class FaultyExperiment(QuadraticExperiment):
-        """``outliers``: ``((worker, factor), ...)``; ``deaths``: ``((worker, time), ...)``
-        (see :func:`~ringmaster_kernels.runtime.time_models.with_faults`)."""
-
-        outliers: tuple[tuple[int, float], ...] = ()
-        deaths: tuple[tuple[int, float], ...] = ()
-
-        def validate(self) -> None:
-            super().validate()
-            check_faults(self.workers, dict(self.outliers), dict(self.deaths))
-
-        def build(self, method, params):
-            policy, objective, time_model = super().build(method, params)
-            return policy, objective, with_faults(time_model, outliers=dict(self.outliers), deaths=dict(self.deaths))
-
-    FaultyExperiment.__module__, FaultyExperiment.__qualname__ = __name__, "FaultyExperiment"
-    return FaultyExperiment
-
-
 def run(args: argparse.Namespace) -> int:
     from ..runtime import experiments as ex
 
     try:
         _check_faults(args)
-        exp = _faulty_experiment()(
+        exp = ex.QuadraticExperiment(
             workers=args.workers, dim=args.dim, horizon=args.horizon,
             heterogeneity=getattr(args, "heterogeneity", 1.0), time_model=args.time_model,
             noise=args.noise, target=args.target, norm=args.norm, radius=args.radius, momentum=args.momentum,

@@ -104,6 +104,13 @@ class QuadraticExperiment:
     radius: float | None = None
     momentum: float = 0.95
     nesterov: bool = True
+    # faults, see time_models.with_faults: ((worker, factor), ...) and ((worker, time), ...)
+    outliers: tuple[tuple[int, float], ...] = ()
+    deaths: tuple[tuple[int, float], ...] = ()
+
+    def _time_model(self):
+        return make_time_model(self.time_model, self.workers, heterogeneity=self.heterogeneity,
+                               outliers=dict(self.outliers), deaths=dict(self.deaths))
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field, before any work starts."""
@@ -119,7 +126,7 @@ class QuadraticExperiment:
             raise ValueError(f"norm must be one of {tuple(norms.NORMS)}, got {self.norm!r}")
         if self.radius is not None and not (math.isfinite(self.radius) and self.radius > 0):
             raise ValueError(f"radius must be a finite number > 0, got {self.radius!r}")
-        make_time_model(self.time_model, self.workers, heterogeneity=self.heterogeneity)
+        self._time_model()
         TridiagonalQuadratic(self.dim, self.noise)
 
     def build(self, method: str, params: dict[str, Any]):
@@ -135,8 +142,7 @@ class QuadraticExperiment:
                 group["lmo_options"] = {"coefficients": "quintic", "steps": 5}
         settings = {k: v for k, v in (("momentum", self.momentum), ("nesterov", self.nesterov)) if k in allowed}
         policy = make_policy(method, [group], num_workers=self.workers, **settings, **params)
-        time_model = make_time_model(self.time_model, self.workers, heterogeneity=self.heterogeneity)
-        return policy, objective, time_model
+        return policy, objective, self._time_model()
 
     def run(
         self,
