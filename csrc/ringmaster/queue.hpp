@@ -273,9 +273,18 @@ class Ring {
         }
       } else if (dif < 0) {
         // Nothing published at `pos`. Closed-and-drained only if no producer has
-        // claimed `pos` either; otherwise a record is on its way.
-        const std::uint64_t tail = tail_.load(std::memory_order_seq_cst);
-        if ((tail & kClosedBit) && (tail & ~kClosedBit) == pos) return Status::kClosed;
+        // claimed `pos` either; otherwise a record is on its way. The producers'
+        // tail_ line is read only once closed_ is set: a consumer polling just
+        // behind a producer would otherwise pull that line away from the producer
+        // on every poll, and each of its next CASes would miss (1P1C ran at half
+        // speed in that lock-step). Reading closed_ instead is as good for the
+        // Waiter pairing: close() sets it with a seq_cst store before notifying,
+        // so a sleeper that registered, then read false here, is seen by that
+        // notify (the same store/load pairing as a published cell).
+        if (closed_.load(std::memory_order_seq_cst)) {
+          const std::uint64_t tail = tail_.load(std::memory_order_seq_cst);
+          if ((tail & kClosedBit) && (tail & ~kClosedBit) == pos) return Status::kClosed;
+        }
         const std::uint64_t now = head_.load(std::memory_order_relaxed);
         if (now == pos) return Status::kEmpty;
         pos = now;
@@ -290,7 +299,11 @@ class Ring {
     return try_pop(&out, 1, taken) == Status::kOk;
   }
 
-  void close() noexcept { tail_.fetch_or(kClosedBit, std::memory_order_seq_cst); }
+  // The bit in tail_ first, so that a reader who sees closed_ also sees the bit.
+  void close() noexcept {
+    tail_.fetch_or(kClosedBit, std::memory_order_seq_cst);
+    closed_.store(true, std::memory_order_seq_cst);
+  }
   bool closed() const noexcept { return tail_.load(std::memory_order_seq_cst) & kClosedBit; }
 
   // Records claimed by producers and not yet claimed by consumers (a snapshot).
@@ -316,8 +329,10 @@ class Ring {
   const std::uint64_t mask_;
   std::unique_ptr<Cell[]> cells_;
   alignas(kCacheLine) std::atomic<std::uint64_t> tail_{0};
-  // alignas also rounds sizeof(Ring) up, so the next member starts on a fresh line.
   alignas(kCacheLine) std::atomic<std::uint64_t> head_{0};
+  // Written once, by close(); read by consumers that find the ring empty.
+  // alignas also rounds sizeof(Ring) up, so the next member starts on a fresh line.
+  alignas(kCacheLine) std::atomic<bool> closed_{false};
 };
 
 struct WorkerStats {
