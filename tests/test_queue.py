@@ -123,6 +123,31 @@ def test_slot_misuse_is_caught_by_the_slot_state():
     assert q.free_slots == 2
 
 
+@pytest.mark.parametrize("num_slots", [1, 2, 15, 16, 17, 64, 65, 1023, 1024, 1025, 4097])
+def test_every_slot_has_a_state_of_its_own(num_slots):
+    """The state bytes are spread over cache lines (slot s on line s mod lines): with
+    every other slot queued and the rest in use, each slot still reports its own
+    state, across the layout's edges (16 lines minimum, 64 slots a line)."""
+    q = GradientQueue(capacity=1 << (num_slots - 1).bit_length(), num_slots=num_slots, num_workers=1)
+    slots = [q.acquire_slot(timeout=0) for _ in range(num_slots)]
+    assert sorted(slots) == list(range(num_slots))
+    queued, held = slots[::2], slots[1::2]
+    for s in queued:
+        assert q.try_push(s, 0, s)
+    for s in held:
+        q.release_slot(s)
+    for s in held:
+        with pytest.raises(ValueError, match=f"slot {s} is already free"):
+            q.release_slot(s)
+    for s in queued:
+        with pytest.raises(ValueError, match=f"slot {s} is still queued"):
+            q.release_slot(s)
+    assert [r.slot for r in q.pop_many(num_slots, timeout=0)] == queued
+    for s in queued:
+        q.release_slot(s)
+    assert q.free_slots == num_slots and len(q) == 0
+
+
 @pytest.mark.parametrize(
     "call, exc, name",
     [

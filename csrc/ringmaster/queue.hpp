@@ -15,6 +15,8 @@
 // hands a slot from thread to thread through the rings, so the transitions of one
 // slot never race and plain relaxed loads and stores suffice (no extra RMW on the
 // fast path); concurrent misuse of one slot is caught only on a best-effort basis.
+// The state bytes are laid out so that neighbouring slots sit on different cache
+// lines (see state_of).
 //
 // Blocking calls spin briefly, yield a few times, then sleep on a condition
 // variable. Sleepers announce themselves in an atomic counter; the hot path only
@@ -23,6 +25,7 @@
 // counters on cache lines of their own.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -358,12 +361,13 @@ class GradientQueue {
       : records_(capacity),
         free_(free_capacity(num_slots)),
         num_slots_(static_cast<std::uint32_t>(num_slots)),
-        slot_state_(new std::atomic<std::uint8_t>[num_slots]),
+        state_shift_(state_line_shift(num_slots)),
+        slot_state_(new std::atomic<std::uint8_t>[kCacheLine << state_shift_]),
         num_workers_(checked_workers(num_workers)),
         pushed_(new PaddedCounter[num_workers]),
         consumed_(new ConsumerCounters[num_workers]) {
     for (std::uint32_t s = 0; s < num_slots_; ++s) {
-      slot_state_[s].store(kFree, std::memory_order_relaxed);
+      state_of(s).store(kFree, std::memory_order_relaxed);
       free_.try_push(s);
     }
   }
@@ -387,7 +391,7 @@ class GradientQueue {
       return free_.try_pop(slot);
     });
     if (!got) return std::nullopt;
-    slot_state_[slot].store(kInUse, std::memory_order_relaxed);
+    state_of(slot).store(kInUse, std::memory_order_relaxed);
     return slot;
   }
 
@@ -397,7 +401,7 @@ class GradientQueue {
   void release_slot(std::uint32_t slot) {
     check_slot(slot);
     std::uint8_t state = kInUse;
-    if (!slot_state_[slot].compare_exchange_strong(state, kFree, std::memory_order_acq_rel)) {
+    if (!state_of(slot).compare_exchange_strong(state, kFree, std::memory_order_acq_rel)) {
       throw InvalidArgument("slot", "slot " + std::to_string(slot) +
                                         (state == kFree ? " is already free (double release)"
                                                         : " is still queued: pop its record before releasing it"));
@@ -421,7 +425,7 @@ class GradientQueue {
   // Publishes a record. False when the ring stayed full until the deadline.
   bool push(const Record& record, Deadline deadline) {
     check_record(record);
-    std::atomic<std::uint8_t>& state = slot_state_[record.slot];
+    std::atomic<std::uint8_t>& state = state_of(record.slot);
     const bool done = wait_for(space_waiter_, deadline, [&] {
       // Marked before the record is published: the consumer that pops it marks the
       // slot in use again, and that store must come after this one.
@@ -539,6 +543,27 @@ class GradientQueue {
     while (c < num_slots) c <<= 1;
     return c;
   }
+  // log2 of the number of cache lines holding the slot states: a power of two, at
+  // least ceil(num_slots / 64) so every slot has a byte, and at least 16 (or
+  // num_slots, if fewer) so that slots close together in the free ring's FIFO
+  // order are on different lines. (num_slots is checked by free_capacity.)
+  static unsigned state_line_shift(std::uint64_t num_slots) {
+    const std::uint64_t lines = std::max((num_slots + kCacheLine - 1) / kCacheLine,
+                                         std::min<std::uint64_t>(num_slots, 16));
+    unsigned shift = 0;
+    while ((std::uint64_t{1} << shift) < lines) ++shift;
+    return shift;
+  }
+  // Slot s lives on line s mod lines, at byte s / lines. The free ring hands slots
+  // out in turn, so in a one-producer hand-off the server marks slot s - 1 while
+  // the worker marks slot s: side by side, their bytes would bounce one line
+  // between the two cores on every record, which slowed 1P1C markedly.
+  // Now a line is shared only by slots `lines` apart. A bijection onto
+  // [0, 64 * lines): s / lines < 64 because num_slots <= 64 * lines.
+  std::atomic<std::uint8_t>& state_of(std::uint64_t slot) const noexcept {
+    const std::uint64_t mask = (std::uint64_t{1} << state_shift_) - 1;
+    return slot_state_[(slot & mask) * kCacheLine + (slot >> state_shift_)];
+  }
   static std::uint32_t checked_workers(std::uint64_t num_workers) {
     if (num_workers == 0 || num_workers > (std::uint64_t{1} << 20)) {
       throw InvalidArgument("num_workers", "must be in [1, 2**20], got " + std::to_string(num_workers));
@@ -557,7 +582,7 @@ class GradientQueue {
       throw InvalidArgument("worker", "must be in [0, " + std::to_string(num_workers_) + "), got " +
                                           std::to_string(record.worker));
     }
-    switch (slot_state_[record.slot].load(std::memory_order_relaxed)) {
+    switch (state_of(record.slot).load(std::memory_order_relaxed)) {
       case kInUse:
         return;
       case kFree:
@@ -576,7 +601,7 @@ class GradientQueue {
     std::size_t n = 0;
     switch (records_.try_pop(out, max_n, n)) {
       case Ring<Record>::Status::kOk:
-        for (std::size_t i = 0; i < n; ++i) slot_state_[out[i].slot].store(kInUse, std::memory_order_relaxed);
+        for (std::size_t i = 0; i < n; ++i) state_of(out[i].slot).store(kInUse, std::memory_order_relaxed);
         space_waiter_.notify_all();
         return n;
       case Ring<Record>::Status::kClosed:
@@ -599,7 +624,8 @@ class GradientQueue {
   Ring<Record> records_;
   Ring<std::uint32_t> free_;
   const std::uint32_t num_slots_;
-  std::unique_ptr<std::atomic<std::uint8_t>[]> slot_state_;
+  const unsigned state_shift_;
+  std::unique_ptr<std::atomic<std::uint8_t>[]> slot_state_;  // see state_of
   const std::uint32_t num_workers_;
   std::unique_ptr<PaddedCounter[]> pushed_;
   std::unique_ptr<ConsumerCounters[]> consumed_;
