@@ -279,11 +279,11 @@ class Ring {
         // claimed `pos` either; otherwise a record is on its way. The producers'
         // tail_ line is read only once closed_ is set: a consumer polling just
         // behind a producer would otherwise pull that line away from the producer
-        // on every poll, and each of its next CASes would miss (1P1C ran at half
-        // speed in that lock-step). Reading closed_ instead is as good for the
-        // Waiter pairing: close() sets it with a seq_cst store before notifying,
-        // so a sleeper that registered, then read false here, is seen by that
-        // notify (the same store/load pairing as a published cell).
+        // on every poll, and each of its next CASes would miss (1P1C runs in that
+        // lock-step whenever the server is the faster side). closed_ serves the
+        // Waiter pairing as well: close() sets it with a seq_cst store before it
+        // notifies, so a sleeper that registered, then read false here, is seen
+        // by that notify (the same store/load pairing as a published cell).
         if (closed_.load(std::memory_order_seq_cst)) {
           const std::uint64_t tail = tail_.load(std::memory_order_seq_cst);
           if ((tail & kClosedBit) && (tail & ~kClosedBit) == pos) return Status::kClosed;
