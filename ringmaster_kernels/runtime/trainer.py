@@ -45,6 +45,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
+from ..optim.policies import make_policy
+from ..queue import GradientQueue, QueueClosed
+
 FAULT_KINDS = ("raise", "hang", "nan", "kill")
 
 # worker states as the server sees them
@@ -355,8 +358,6 @@ class AsyncTrainer:
         torch_threads: int | None = None,
         gil_switch_interval: float = 2e-4,
     ) -> None:
-        from ..optim.policies import make_policy
-
         if not workers:
             raise ValueError("workers must name at least one worker")
         _check_positive_int("num_slots", num_slots)
@@ -432,8 +433,6 @@ class AsyncTrainer:
         """Train until ``max_updates`` total updates (counting a resumed run's) or
         ``max_time`` seconds of this call, whichever comes first, or Ctrl-C / all
         workers lost. Returns :meth:`summary`. One call per trainer."""
-        from ..queue import GradientQueue
-
         _check_positive_int("max_updates", max_updates)
         _check_seconds("max_time", max_time)
         if max_updates is None and max_time is None:
@@ -528,8 +527,6 @@ class AsyncTrainer:
             self._done.set()
 
     def _serve(self) -> None:
-        from ..queue import QueueClosed
-
         poll = 0.05
         next_health = 0.0
         while True:
@@ -679,8 +676,6 @@ class AsyncTrainer:
 
     def _shutdown(self) -> None:
         """Stop every worker, then count what is still in the queue as in flight."""
-        from ..queue import QueueClosed
-
         self._drain_faults()  # crashes reported after the last health check
         self._stopping.set()
         for ws in self._ws:
@@ -721,8 +716,6 @@ class AsyncTrainer:
         ws.phase = STOPPED
 
     def _work(self, i: int, ws: _WorkerState, body: WorkerBody) -> None:
-        from ..queue import QueueClosed
-
         stopping = self._stopping
 
         def beat() -> None:
