@@ -174,7 +174,7 @@ def test_checkpoint_resume_continues_the_run(tmp_path):
     assert second.version == first.version == s1["version"]
     assert torch.equal(second.master, first.master)
     saved, loaded = first.policy.state_dict(), second.policy.state_dict()
-    assert all(torch.equal(a, b) for a, b in zip(saved["momentum_buffers"], loaded["momentum_buffers"]))
+    assert all(torch.equal(a, b) for a, b in zip(saved["rule"]["momentum_buffers"], loaded["rule"]["momentum_buffers"]))
     assert saved["counters"] == loaded["counters"]
     assert [b.generator.get_state().tolist() for b in first.workers] == [b.generator.get_state().tolist() for b in second.workers]
     s2 = second.run(max_updates=50, max_time=RUN_LIMIT)

@@ -1,7 +1,9 @@
 """Asynchronous LMO-momentum methods as *policy* objects: one object, two clocks.
 
-A policy owns the model parameters (updated in place, like ``torch.optim``), the
-momentum state and the iteration counter ``k`` (the model *version*). A driver — the
+A policy holds the delay rule: acceptance, the iteration counter ``k`` (the model
+*version*), cancellations and this update's step factors. Applying an update is the job
+of its *update rule* (``optim/update_rules.py``): the built-in LMO-momentum math, or
+any ``torch.optim.Optimizer`` over the parameters with a per-version schedule hook. A driver — the
 virtual-time simulator (``runtime/simulator.py``) or the real multi-threaded runtime —
 hands it every gradient that arrives from a worker, tagged with the worker id and the
 version the worker started from, and executes the returned :class:`Decision`:
@@ -16,7 +18,7 @@ version the worker started from, and executes the returned :class:`Decision`:
 Gradients may be passed lazily as a zero-argument callable; a policy calls it only when
 it uses the gradient, so a simulator pays nothing for discarded ones.
 
-Parameters are given as a list of tensors or as ``torch.optim``-style groups
+For the built-in rule, parameters are given as a list of tensors or as ``torch.optim``-style groups
 (``{"params": [...], "norm": ..., "radius": ..., "lr": ...}``) as in Gluon: each group
 names its norm ball, and :func:`ringmaster_kernels.norms.lmo` supplies the direction.
 ``norm=None`` means the raw negative gradient (Euclidean SGD), which with no momentum
@@ -37,12 +39,9 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
 
 import torch
 
-from .. import norms, ops
+from .update_rules import LMOMomentum, OptimizerRule, Schedule, UpdateRule
 
 GradientSource = Union[torch.Tensor, Sequence[torch.Tensor], Callable[[], Union[torch.Tensor, Sequence[torch.Tensor]]]]
-
-_GROUP_KEYS = ("params", "norm", "radius", "lr", "lmo_options")
-
 
 class Decision(NamedTuple):
     """What a driver must do after a gradient arrived (a tuple: cheap to build per event).
@@ -68,14 +67,6 @@ class Decision(NamedTuple):
     restart_idle: bool = False
 
 
-def _check_lr(lr: float, name: str = "lr") -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(lr).__name__}")
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {lr}")
-    return float(lr)
-
-
 def _check_threshold(threshold: float, name: str = "threshold") -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"{name} must be an int >= 1 or math.inf, got {type(threshold).__name__}")
@@ -92,94 +83,60 @@ def _check_int(value: int, name: str, minimum: int = 1) -> int:
     return value
 
 
-def _check_momentum(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta < 1.0):
-        raise ValueError(f"momentum must be a number in [0, 1), got {beta!r}")
-    return float(beta)
-
-
 class Policy:
-    """Base of every async method: parameters, groups, momentum, version, counters.
+    """Base of every async method: the update rule, version, counters.
 
     Args:
-        params: tensors, or ``torch.optim``-style groups (dicts with ``params`` and any of
-            ``norm``, ``radius``, ``lr``, ``lmo_options``); updated in place.
+        params: what the method updates, one of
+            - tensors, or ``torch.optim``-style groups (dicts with ``params`` and any of
+              ``norm``, ``radius``, ``lr``, ``lmo_options``): the built-in
+              :class:`~ringmaster_kernels.optim.update_rules.LMOMomentum` rule over them,
+              configured by the keyword arguments below;
+            - a ``torch.optim.Optimizer``: an
+              :class:`~ringmaster_kernels.optim.update_rules.OptimizerRule` over its
+              parameters (with ``schedule``); the LMO keywords must then be left unset;
+            - any :class:`~ringmaster_kernels.optim.update_rules.UpdateRule`.
         num_workers: number of workers the driver runs (``n``); needed by ``sync`` and
             ``delay_adaptive``, validated for all.
-        lr: default step size (``eta`` / ``gamma``) for groups that do not set ``lr``.
-        norm: default norm name from :mod:`ringmaster_kernels.norms`, or ``None`` for the
-            raw gradient step ``x <- x - lr * u``.
-        radius: default norm-ball radius ``rho``.
-        momentum: ``beta``; the momentum buffer is ``m <- beta m + (1 - beta) g``
-            (``alpha = 1 - beta`` in the paper's notation). 0 disables momentum.
-        nesterov: use ``u = beta m + (1 - beta) g`` (Muon) instead of ``u = m``.
-        backend: passed to :func:`norms.lmo` (``"auto"`` | ``"triton"`` | ``"torch"``).
-        fused: update each normed group with one :func:`ops.lmo_step_` call (fused
-            kernels on CUDA; fp32 momentum state) instead of momentum, ``norms.lmo`` and
-            ``add_`` per tensor in the parameters' dtype (the float64-exact path the
-            simulator uses; on CPU it is also the cheaper one).
+        lr, norm, radius, momentum, nesterov, backend, fused: the built-in rule's
+            settings (see ``LMOMomentum``); ``lr`` is required for it.
+        schedule: ``schedule(version, optimizer)`` hook of an optimizer rule.
     """
 
     name = "policy"
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict],
+        params: Iterable[torch.Tensor] | Iterable[dict] | torch.optim.Optimizer | UpdateRule,
         *,
         num_workers: int,
-        lr: float,
+        lr: float | None = None,
         norm: str | None = "spectral",
         radius: float = 1.0,
         momentum: float = 0.95,
         nesterov: bool = True,
         backend: str | None = "auto",
         fused: bool = False,
+        schedule: Schedule | None = None,
     ) -> None:
         self.num_workers = _check_int(num_workers, "num_workers")
-        self.lr = _check_lr(lr)
-        self.momentum = _check_momentum(momentum)
-        self._has_momentum = self.momentum > 0.0
-        self.nesterov = bool(nesterov)
-        self.backend = backend
-        self.fused = bool(fused)
-        if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
-            raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
-        self.param_groups = self._build_groups(params, norm, float(radius))
-        self.params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._momentum_buffers: list[torch.Tensor | None] = [None] * len(self.params)
+        if isinstance(params, torch.optim.Optimizer):
+            params = OptimizerRule(params, schedule)
+        elif schedule is not None:
+            raise ValueError("schedule applies to a torch.optim.Optimizer update rule; params is not one")
+        if isinstance(params, UpdateRule):
+            if lr is not None:
+                raise ValueError("lr: the update rule owns its step sizes; set them there, not on the policy")
+            self.rule = params
+        else:
+            if lr is None:
+                raise ValueError("lr is required for the built-in LMO-momentum rule")
+            self.rule = LMOMomentum(params, lr=lr, norm=norm, radius=radius, momentum=momentum,
+                                    nesterov=nesterov, backend=backend, fused=fused)
+        self.params: list[torch.Tensor] = self.rule.params
         self.version = 0
         self.accepted = 0
         self.discarded = 0
-
-    # ------------------------------------------------------------------ set-up
-    def _build_groups(self, params, norm, radius) -> list[dict]:
-        items = list(params)
-        if not items:
-            raise ValueError("params must not be empty")
-        raw_groups = items if isinstance(items[0], dict) else [{"params": items}]
-        groups = []
-        for i, raw in enumerate(raw_groups):
-            if not isinstance(raw, dict):
-                raise TypeError("params must be all tensors or all dicts (param groups)")
-            unknown = set(raw) - set(_GROUP_KEYS)
-            if unknown:
-                raise ValueError(f"param group {i} has unknown keys {sorted(unknown)}; known: {_GROUP_KEYS}")
-            tensors = raw["params"]
-            tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-            for t in tensors:
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                    raise TypeError(f"param group {i}: params must be floating torch tensors")
-            group = {
-                "params": tensors,
-                "norm": raw.get("norm", norm),
-                "radius": float(raw.get("radius", radius)),
-                "lr": _check_lr(raw.get("lr", self.lr), f"param_groups[{i}]['lr']"),
-                "lmo_options": dict(raw.get("lmo_options", {})),
-            }
-            if group["norm"] is not None and group["norm"] not in norms.NORMS:
-                raise ValueError(f"param_groups[{i}]['norm'] must be one of {tuple(norms.NORMS)} or None, got {group['norm']!r}")
-            groups.append(group)
-        return groups
 
     # ------------------------------------------------------------------ schedules
     @property
@@ -187,9 +144,9 @@ class Policy:
         """Current delay threshold ``R_k`` (``math.inf`` when the method has none)."""
         return math.inf
 
-    def _beta(self) -> float:
-        """Momentum ``beta_k`` used by the update at the current version."""
-        return self.momentum
+    def _momentum(self) -> float | None:
+        """Momentum ``beta_k`` of the update at the current version; ``None``: the rule's own."""
+        return None
 
     def _lr_factor(self, delay: int) -> float:
         """Multiplier of every group's ``lr`` for the update at the current version."""
@@ -202,47 +159,9 @@ class Policy:
             grad = grad()
         return [grad] if isinstance(grad, torch.Tensor) else list(grad)
 
-    def _buffer(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        """Momentum of parameter ``i``, zero-initialised as in the paper and the authors' code."""
-        m = self._momentum_buffers[i]
-        if m is None:
-            m = self._momentum_buffers[i] = torch.zeros_like(self.params[i], dtype=dtype)
-        return m
-
     def _step(self, grads: Sequence[torch.Tensor], delay: int) -> None:
-        """One update ``x <- x + lr_k * lmo(u)`` (or ``x - lr_k * u`` when norm is None)."""
-        if len(grads) != len(self.params):
-            raise ValueError(f"grad must hold one tensor per parameter ({len(self.params)}), got {len(grads)}")
-        for i, (g, p) in enumerate(zip(grads, self.params)):
-            if g.shape != p.shape:
-                raise ValueError(f"grad {i} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
-        beta = self._beta() if self._has_momentum else 0.0
-        factor = self._lr_factor(delay)
-        i = 0
-        for group in self.param_groups:
-            lr = group["lr"] * factor
-            count = len(group["params"])
-            if self.fused and group["norm"] is not None:
-                momenta = [self._buffer(j, torch.float32) for j in range(i, i + count)]
-                ops.lmo_step_(group["params"], list(grads[i:i + count]), momenta, norm=group["norm"], lr=lr,
-                              beta=beta, nesterov=self.nesterov, radius=group["radius"], backend=self.backend,
-                              **group["lmo_options"])
-                i += count
-                continue
-            for p in group["params"]:
-                g = grads[i]
-                u = g
-                if self._has_momentum:
-                    m = self._buffer(i, p.dtype)
-                    # torch.lerp is exact at weight 1, so beta_k = 0 (alpha_0 = 1) gives m = u = g
-                    m.lerp_(g, 1.0 - beta)
-                    u = torch.lerp(g, m, beta) if self.nesterov else m
-                if group["norm"] is None:
-                    p.add_(u, alpha=-lr)
-                else:
-                    direction = norms.lmo(u, group["norm"], group["radius"], backend=self.backend, **group["lmo_options"])
-                    p.add_(direction, alpha=lr)
-                i += 1
+        """Have the rule apply ``grads`` with this version's step factors; advance the version."""
+        self.rule.apply(grads, self.version, lr_factor=self._lr_factor(delay), momentum=self._momentum())
         self.version += 1
 
     # ------------------------------------------------------------------ protocol
@@ -285,28 +204,18 @@ class Policy:
 
     # ------------------------------------------------------------------ checkpoints
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "fused": self.fused}
+        return self.rule.hyperparameters()
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, momentum buffers and per-group settings (not the parameters, as in torch.optim)."""
-        return {
-            "name": self.name,
-            "hyperparameters": self.hyperparameters(),
-            "counters": self.counters(),
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "momentum_buffers": [None if m is None else m.clone() for m in self._momentum_buffers],
-        }
+        """Counters and the update rule's state (not the parameters, as in torch.optim)."""
+        return {"name": self.name, "hyperparameters": self.hyperparameters(), "counters": self.counters(),
+                "rule": self.rule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the policy must have been built the same way."""
         if state.get("name") != self.name:
             raise ValueError(f"state is for policy {state.get('name')!r}, this is {self.name!r}")
-        buffers = state["momentum_buffers"]
-        if len(buffers) != len(self.params):
-            raise ValueError(f"state has {len(buffers)} momentum buffers, policy has {len(self.params)} parameters")
-        self._momentum_buffers = [None if m is None else m.clone().to(p.device) for m, p in zip(buffers, self.params)]
-        for group, saved in zip(self.param_groups, state["groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.rule.load_state_dict(state["rule"])
         counters = state["counters"]
         self.version, self.accepted, self.discarded = counters["version"], counters["accepted"], counters["discarded"]
 
@@ -363,7 +272,6 @@ class ParameterAgnosticRingmaster(Ringmaster):
 
     def __init__(self, params, *, stops: bool = True, **kwargs) -> None:
         super().__init__(params, threshold=1, stops=stops, **kwargs)
-        self._has_momentum = True
 
     @staticmethod
     def schedule(k: int) -> tuple[float, int, float]:
@@ -375,14 +283,15 @@ class ParameterAgnosticRingmaster(Ringmaster):
     def threshold(self) -> float:
         return self.schedule(self.version)[1]
 
-    def _beta(self) -> float:
+    def _momentum(self) -> float:
         return 1.0 - self.schedule(self.version)[0]
 
     def _lr_factor(self, delay: int) -> float:
         return self.schedule(self.version)[2]
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "nesterov": self.nesterov, "stops": self.stops, "fused": self.fused}
+        rule = {k: v for k, v in self.rule.hyperparameters().items() if k != "momentum"}
+        return {**rule, "stops": self.stops}
 
 
 class DelayAdaptive(Policy):
@@ -476,12 +385,12 @@ class Minibatch(Policy):
         self._count = state["batch_count"]
 
 
-_COMMON = ("lr", "norm", "radius", "momentum", "nesterov", "backend", "fused")
+_COMMON = ("lr", "norm", "radius", "momentum", "nesterov", "backend", "fused", "schedule")
 
 # name -> (constructor, fixed keyword arguments, keyword arguments a caller may set)
 METHODS: dict[str, tuple[type, dict[str, Any], tuple[str, ...]]] = {
     "ringmaster": (Ringmaster, {"stops": True}, _COMMON + ("threshold",)),
-    "ringmaster_pa": (ParameterAgnosticRingmaster, {"stops": True}, ("lr", "norm", "radius", "nesterov", "backend", "fused")),
+    "ringmaster_pa": (ParameterAgnosticRingmaster, {"stops": True}, ("lr", "norm", "radius", "nesterov", "backend", "fused", "schedule")),
     "sync": (Minibatch, {"per_worker": True}, _COMMON),
     "async": (Ringmaster, {"threshold": math.inf, "stops": False}, _COMMON),
     "delay_adaptive": (DelayAdaptive, {}, _COMMON),
@@ -490,16 +399,35 @@ METHODS: dict[str, tuple[type, dict[str, Any], tuple[str, ...]]] = {
 }
 
 
-def make_policy(method: str, params: Iterable[torch.Tensor] | Iterable[dict], *, num_workers: int, **kwargs) -> Policy:
+# keywords of the built-in LMO-momentum rule: an optimizer or update rule owns these itself
+_RULE_KEYS = ("lr", "norm", "radius", "momentum", "nesterov", "backend", "fused")
+
+
+def make_policy(
+    method: str,
+    params: Iterable[torch.Tensor] | Iterable[dict] | torch.optim.Optimizer | UpdateRule,
+    *,
+    num_workers: int,
+    **kwargs: Any,
+) -> Policy:
     """Build the policy named ``method`` (a key of :data:`METHODS`).
 
+    ``params`` are tensors or groups (the built-in LMO-momentum rule), a
+    ``torch.optim.Optimizer`` (with an optional ``schedule=`` hook) or an
+    :class:`~ringmaster_kernels.optim.update_rules.UpdateRule`; see :class:`Policy`.
     ``sync`` uses ``batch = num_workers``. A keyword the method does not take (e.g.
-    ``threshold`` for ``async``) raises ``ValueError`` naming it, so a typo in a sweep
-    cannot pass silently; ``None`` values are ignored (meaning "the default").
+    ``threshold`` for ``async``, ``lr`` with an optimizer) raises ``ValueError`` naming
+    it, so a typo in a sweep cannot pass silently; ``None`` values are ignored (meaning
+    "the default").
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     cls, fixed, allowed = METHODS[method]
+    if isinstance(params, (torch.optim.Optimizer, UpdateRule)):
+        if method == "ringmaster_asgd":
+            raise ValueError("method 'ringmaster_asgd' is the built-in Euclidean rule; it takes no optimizer or update rule")
+        allowed = tuple(k for k in allowed if k not in _RULE_KEYS)
+        fixed = {k: v for k, v in fixed.items() if k not in _RULE_KEYS}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     extra = set(kwargs) - set(allowed)
     if extra:

@@ -1,0 +1,268 @@
+"""Update rules: how an accepted (or averaged) gradient changes the parameters.
+
+An async method (a *policy*, :mod:`ringmaster_kernels.optim.policies`) decides which
+gradients count and when the model version advances; an update rule applies them. The
+policy hands the rule this update's step factors, so the delay rule stays apart from the
+update math:
+
+* ``lr_factor`` multiplies every group's learning rate for this update only
+  (delay-adaptive's ``n / max(n, delta)``, the parameter-agnostic ``eta_k / eta``);
+* ``momentum`` replaces the momentum ``beta`` for this update only (the
+  parameter-agnostic ``beta_k = 1 - alpha_k``); ``None`` keeps the rule's own.
+
+Two rules:
+
+* :class:`LMOMomentum`: the built-in LMO-momentum math per norm group (float64-exact;
+  what the simulator's paper experiments use);
+* :class:`OptimizerRule`: any ``torch.optim.Optimizer`` over the parameters (Gluon,
+  GluonAdamW, NanoChat's recipe through ``RingmasterMuonAdamW``), with an optional
+  per-version ``schedule(version, optimizer)`` hook that rewrites group values (lr,
+  momentum, weight decay) the way a synchronous trainer does every step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .. import norms, ops
+
+_GROUP_KEYS = ("params", "norm", "radius", "lr", "lmo_options")
+Schedule = Callable[[int, torch.optim.Optimizer], None]
+
+
+def check_lr(lr: object, name: str = "lr") -> float:
+    """``lr`` as a float; TypeError/ValueError naming ``name`` unless it is a finite number >= 0."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(lr).__name__}")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {lr}")
+    return float(lr)
+
+
+def check_momentum(beta: object, name: str = "momentum") -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta < 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1), got {beta!r}")
+    return float(beta)
+
+
+@runtime_checkable
+class UpdateRule(Protocol):
+    """What a policy needs from an update rule.
+
+    ``params`` lists the tensors updated in place, in the order ``apply`` takes gradients.
+    """
+
+    params: list[torch.Tensor]
+
+    def apply(self, grads: Sequence[torch.Tensor], version: int, lr_factor: float = 1.0,
+              momentum: float | None = None) -> None: ...
+    def hyperparameters(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def check_grads(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+    if len(grads) != len(params):
+        raise ValueError(f"grad must hold one tensor per parameter ({len(params)}), got {len(grads)}")
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g.shape != p.shape:
+            raise ValueError(f"grad {i} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
+
+
+class LMOMomentum:
+    """The built-in rule: ``m <- beta m + (1 - beta) g``, ``x <- x + lr * lmo(u)`` per group.
+
+    Args:
+        params: tensors, or groups (dicts with ``params`` and any of ``norm``, ``radius``,
+            ``lr``, ``lmo_options``); updated in place.
+        lr: default step size for groups that do not set ``lr``.
+        norm: default norm name from :mod:`ringmaster_kernels.norms`, or ``None`` for the
+            raw step ``x <- x - lr * u`` (Euclidean SGD).
+        radius: default norm-ball radius ``rho``.
+        momentum: ``beta`` (``alpha = 1 - beta`` in the paper); 0 disables momentum.
+        nesterov: ``u = beta m + (1 - beta) g`` (Muon) instead of ``u = m``.
+        backend: passed to the ops (``"auto"`` | ``"triton"`` | ``"torch"``).
+        fused: one :func:`ops.lmo_step_` per normed group (fused kernels on CUDA; fp32
+            momentum) instead of momentum, ``norms.lmo`` and ``add_`` per tensor in the
+            parameters' dtype (float64-exact; on CPU also the cheaper path).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        *,
+        lr: float,
+        norm: str | None = "spectral",
+        radius: float = 1.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        backend: str | None = "auto",
+        fused: bool = False,
+    ) -> None:
+        self.lr = check_lr(lr)
+        self.momentum = check_momentum(momentum)
+        self.nesterov = bool(nesterov)
+        self.backend = backend
+        self.fused = bool(fused)
+        if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+            raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+        self.param_groups = self._build_groups(params, norm, float(radius))
+        self.params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._momentum_buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def _build_groups(self, params, norm, radius) -> list[dict]:
+        items = list(params)
+        if not items:
+            raise ValueError("params must not be empty")
+        raw_groups = items if isinstance(items[0], dict) else [{"params": items}]
+        groups = []
+        for i, raw in enumerate(raw_groups):
+            if not isinstance(raw, dict):
+                raise TypeError("params must be all tensors or all dicts (param groups)")
+            unknown = set(raw) - set(_GROUP_KEYS)
+            if unknown:
+                raise ValueError(f"param group {i} has unknown keys {sorted(unknown)}; known: {_GROUP_KEYS}")
+            tensors = raw["params"]
+            tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+            for t in tensors:
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    raise TypeError(f"param group {i}: params must be floating torch tensors")
+            group = {
+                "params": tensors,
+                "norm": raw.get("norm", norm),
+                "radius": float(raw.get("radius", radius)),
+                "lr": check_lr(raw.get("lr", self.lr), f"param_groups[{i}]['lr']"),
+                "lmo_options": dict(raw.get("lmo_options", {})),
+            }
+            if group["norm"] is not None and group["norm"] not in norms.NORMS:
+                raise ValueError(f"param_groups[{i}]['norm'] must be one of {tuple(norms.NORMS)} or None, got {group['norm']!r}")
+            groups.append(group)
+        return groups
+
+    def _buffer(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """Momentum of parameter ``i``, zero-initialised as in the paper and the authors' code."""
+        m = self._momentum_buffers[i]
+        if m is None:
+            m = self._momentum_buffers[i] = torch.zeros_like(self.params[i], dtype=dtype)
+        return m
+
+    def apply(self, grads: Sequence[torch.Tensor], version: int, lr_factor: float = 1.0,
+              momentum: float | None = None) -> None:
+        """One update ``x <- x + lr * lr_factor * lmo(u)`` (``x - ... * u`` when norm is None).
+
+        ``momentum`` (this update's ``beta``) replaces the rule's own; with neither set
+        (``momentum=0`` and ``None``) no buffer is kept and ``u = g``."""
+        check_grads(grads, self.params)
+        has_momentum = momentum is not None or self.momentum > 0.0
+        beta = (self.momentum if momentum is None else momentum) if has_momentum else 0.0
+        i = 0
+        for group in self.param_groups:
+            lr = group["lr"] * lr_factor
+            count = len(group["params"])
+            if self.fused and group["norm"] is not None:
+                momenta = [self._buffer(j, torch.float32) for j in range(i, i + count)]
+                ops.lmo_step_(group["params"], list(grads[i:i + count]), momenta, norm=group["norm"], lr=lr,
+                              beta=beta, nesterov=self.nesterov, radius=group["radius"], backend=self.backend,
+                              **group["lmo_options"])
+                i += count
+                continue
+            for p in group["params"]:
+                g = grads[i]
+                u = g
+                if has_momentum:
+                    m = self._buffer(i, p.dtype)
+                    # torch.lerp is exact at weight 1, so beta_k = 0 (alpha_0 = 1) gives m = u = g
+                    m.lerp_(g, 1.0 - beta)
+                    u = torch.lerp(g, m, beta) if self.nesterov else m
+                if group["norm"] is None:
+                    p.add_(u, alpha=-lr)
+                else:
+                    direction = norms.lmo(u, group["norm"], group["radius"], backend=self.backend, **group["lmo_options"])
+                    p.add_(direction, alpha=lr)
+                i += 1
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "fused": self.fused}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Momentum buffers and per-group settings (not the parameters, as in torch.optim)."""
+        return {
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "momentum_buffers": [None if m is None else m.clone() for m in self._momentum_buffers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        buffers = state["momentum_buffers"]
+        if len(buffers) != len(self.params):
+            raise ValueError(f"state has {len(buffers)} momentum buffers, policy has {len(self.params)} parameters")
+        for i, (m, p) in enumerate(zip(buffers, self.params)):
+            if m is not None and (not isinstance(m, torch.Tensor) or m.shape != p.shape):
+                raise ValueError(f"state: momentum buffer {i} does not match parameter {i} of shape {tuple(p.shape)}")
+        self._momentum_buffers = [None if m is None else m.clone().to(p.device) for m, p in zip(buffers, self.params)]
+        for group, saved in zip(self.param_groups, state["groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+class OptimizerRule:
+    """Any ``torch.optim.Optimizer`` as an update rule over its own parameters.
+
+    ``apply`` points each parameter's ``.grad`` at the given gradient (no copy), calls the
+    schedule for this version, scales every group's ``lr`` by ``lr_factor`` and, when
+    ``momentum`` is given, sets it in every group that has a ``momentum`` key (AdamW-style
+    groups keep their ``betas``), steps, then puts those two values back and clears
+    ``.grad``; so the factors hold for this update only and a schedule sees the values it
+    wrote.
+
+    Args:
+        optimizer: its param groups' tensors are the parameters (in group order).
+        schedule: ``schedule(version, optimizer)`` before each update, ``version`` being
+            the number of updates so far (a synchronous trainer's step index).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule | None = None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be callable(version, optimizer) or None, got {type(schedule).__name__}")
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.params: list[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("optimizer: a parameter appears in more than one group")
+
+    @torch.no_grad()
+    def apply(self, grads: Sequence[torch.Tensor], version: int, lr_factor: float = 1.0,
+              momentum: float | None = None) -> None:
+        check_grads(grads, self.params)
+        for p, g in zip(self.params, grads):
+            p.grad = g if g.dtype == p.dtype and g.device == p.device else g.to(p)
+        if self.schedule is not None:
+            self.schedule(version, self.optimizer)
+        saved = []
+        for group in self.optimizer.param_groups:
+            saved.append((group["lr"], group.get("momentum")))
+            if lr_factor != 1.0:
+                group["lr"] = group["lr"] * lr_factor
+            if momentum is not None and "momentum" in group:
+                group["momentum"] = momentum
+        try:
+            self.optimizer.step()
+        finally:
+            for group, (lr, beta) in zip(self.optimizer.param_groups, saved):
+                group["lr"] = lr
+                if "momentum" in group:
+                    group["momentum"] = beta
+            for p in self.params:
+                p.grad = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"optimizer": type(self.optimizer).__name__,
+                "schedule": None if self.schedule is None else getattr(self.schedule, "__name__", repr(self.schedule))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
