@@ -36,7 +36,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .trainer import FlatLayout, Job, LocalWorker, param_layout
+from .layout import FlatLayout, param_layout
+from .worker import Job, LocalWorker
 
 JOB, EXIT = 1.0, 0.0
 CANCEL_TAG = 1  # jobs and answers use tag 0
@@ -175,11 +176,12 @@ class _CancelListener:
 class _WorkerContext:
     """What :class:`LocalWorker` needs from a trainer, on a worker rank."""
 
-    def __init__(self, task, layout: FlatLayout, seed: int):
-        self.task, self.layout, self.seed = task, layout, seed
+    def __init__(self, task, layout: FlatLayout, seed: int, num_workers: int):
+        self.task, self.layout, self.seed, self.num_workers = task, layout, seed, num_workers
 
 
-def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | None = None) -> int:
+def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | None = None,
+          num_workers: int | None = None) -> int:
     """Worker-rank loop: compute a gradient for every job rank 0 sends until EXIT.
 
     ``body`` computes exactly as a local worker would (same data stream seed, same
@@ -189,7 +191,8 @@ def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | No
     device = comm_device()
     torch.manual_seed(seed)
     layout, _ = param_layout(task, task.build_model())
-    body.bind(_WorkerContext(task, layout, seed), worker)
+    workers = dist.get_world_size() - 1 if num_workers is None else num_workers
+    body.bind(_WorkerContext(task, layout, seed, workers), worker)
     body.setup()
     header = torch.zeros(4, dtype=torch.float64, device=device)
     params = torch.empty(layout.numel, device=device)

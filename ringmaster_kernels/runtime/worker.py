@@ -1,0 +1,307 @@
+"""The worker side of the runtime: jobs, worker bodies, data streams, the worker thread loop.
+
+A worker thread repeatedly takes the latest published parameters with their version,
+has its *body* compute a gradient (checking for cancellation between micro-steps and
+beating a heartbeat), hands it to the server (:meth:`Server.deliver`: a free slot, a
+copy, a queue record) and waits for the server's verdict, because a method restarts a
+worker *at the point after* the decision (``x^{k+1}`` when accepted) and a synchronous
+barrier keeps it idle.
+
+Bodies are pluggable: :class:`LocalWorker` computes in this process (a device, or a
+CPU thread with emulated slowness); ``runtime.distributed.RemoteWorker`` proxies a
+worker on another torch.distributed rank. The server cannot tell them apart.
+
+Each local worker reads its own :class:`DataStream`: a task may provide one per worker
+(``task.data_stream``: e.g. one NanoChat loader per worker, its own shard slice, its
+position checkpointed), otherwise batches are drawn by ``task.sample`` with the worker's
+own generator.
+"""
+from __future__ import annotations
+
+import math
+import queue as pyqueue
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from .server import Server
+
+FAULT_KINDS = ("raise", "hang", "nan", "kill")
+_GO, _STOP = 1, 0  # the server's answers in a worker's inbox
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An injected failure: at the start of the worker's job number ``at_job`` (0-based)
+    it raises (``"raise"``), blocks forever (``"hang"``), produces a NaN gradient for that
+    job (``"nan"``), or SIGKILLs its own process (``"kill"``, remote workers only)."""
+
+    kind: str
+    at_job: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {FAULT_KINDS}, got {self.kind!r}")
+        if isinstance(self.at_job, bool) or not isinstance(self.at_job, int) or self.at_job < 0:
+            raise ValueError(f"fault at_job must be an int >= 0, got {self.at_job!r}")
+
+    @staticmethod
+    def parse(text: str) -> tuple[int, "Fault"]:
+        """``"WORKER:KIND@JOB"`` (e.g. ``"2:raise@5"``) -> ``(worker, Fault)``."""
+        try:
+            worker, rest = text.split(":", 1)
+            kind, job = rest.split("@", 1)
+            return int(worker), Fault(kind, int(job))
+        except ValueError as exc:
+            raise ValueError(f"fault must look like WORKER:KIND@JOB (e.g. 2:raise@5), got {text!r}: {exc}") from None
+
+
+@dataclass
+class Job:
+    """One gradient computation as a worker body sees it."""
+
+    worker: int
+    index: int
+    version: int
+    params: torch.Tensor  # flat published parameters on the server device (read-only)
+    ready: Any  # CUDA event after which ``params`` may be read, or None
+    cancelled: Callable[[], bool]
+    beat: Callable[[], None]
+    sleep_until: Callable[[float], bool]  # False if woken early (cancel or stop)
+
+
+class WorkerBody(Protocol):
+    """How one worker produces gradients; the worker thread loop is shared.
+
+    ``bind(context, worker)`` gives the body what it needs of the run: ``context.task``,
+    ``context.layout``, ``context.seed`` and ``context.num_workers``.
+    ``compute`` returns ``(flat gradient, loss)``, or ``None`` for a job abandoned
+    because ``job.cancelled()`` became true. A body that computes out of this process
+    may also define ``interrupt(cancel_before)``: the server calls it when the running
+    job is cancelled (local bodies see ``job.cancelled()`` and wake from ``sleep_until``).
+    """
+
+    device: torch.device
+
+    def bind(self, context: Any, worker: int) -> None: ...
+    def setup(self) -> None: ...
+    def compute(self, job: Job) -> tuple[torch.Tensor, float] | None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class DataStream(Protocol):
+    """One worker's batches: ``next_batch()`` on the worker's device, and its position."""
+
+    def next_batch(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class SampledStream:
+    """Batches of ``task.sample(batch_size, generator, device)`` from a generator of its own."""
+
+    def __init__(self, task: Any, batch_size: int, device: torch.device, seed: int) -> None:
+        self.task, self.batch_size, self.device = task, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> Any:
+        return self.task.sample(self.batch_size, self.generator, self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        generator = state.get("generator") if isinstance(state, dict) else None
+        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+            raise ValueError("worker state: 'generator' must be a torch.Generator state (uint8 tensor)")
+        self.generator.set_state(generator)
+
+
+def open_stream(task: Any, worker: int, num_workers: int, batch_size: int, device: torch.device, seed: int) -> DataStream:
+    """Worker ``worker``'s data: the task's own stream if it has one, else a :class:`SampledStream`."""
+    factory = getattr(task, "data_stream", None)
+    if factory is not None:
+        return factory(worker=worker, num_workers=num_workers, batch_size=batch_size, device=device, seed=seed)
+    return SampledStream(task, batch_size, device, seed * 1_000_003 + worker + 1)
+
+
+class LocalWorker:
+    """A worker in this process: a CUDA device with its own stream, or a CPU thread.
+
+    Args:
+        device: where the replica computes.
+        batch_size: sequences per micro-batch.
+        accum_steps: micro-batches accumulated per gradient (cancellation is checked
+            between them).
+        compute_time: emulated seconds per gradient: the worker sleeps so each job
+            lasts at least this long (spread over the micro-steps), so the staleness
+            the server sees on a 2-core CPU is the staleness of heterogeneous devices.
+        slowdown: emulated speed factor: each job lasts at least ``slowdown`` times its
+            real compute time (on CUDA, measured with a stream sync per micro-step).
+        fault: an injected :class:`Fault` (``"kill"`` is for remote workers only).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        accum_steps: int = 1,
+        compute_time: float | None = None,
+        slowdown: float = 1.0,
+        fault: Fault | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        for name, value in (("batch_size", batch_size), ("accum_steps", accum_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if compute_time is not None and not (isinstance(compute_time, (int, float)) and 0 <= compute_time < math.inf):
+            raise ValueError(f"compute_time must be a finite number >= 0 or None, got {compute_time!r}")
+        if not (isinstance(slowdown, (int, float)) and 1.0 <= slowdown < math.inf):
+            raise ValueError(f"slowdown must be a finite number >= 1, got {slowdown!r}")
+        if fault is not None and fault.kind == "kill":
+            raise ValueError("fault kind 'kill' would kill the whole process; use it with remote workers")
+        self.batch_size, self.accum_steps = batch_size, accum_steps
+        self.compute_time, self.slowdown, self.fault = compute_time, float(slowdown), fault
+
+    def __repr__(self) -> str:
+        return (f"LocalWorker(device={str(self.device)!r}, batch_size={self.batch_size}, accum_steps={self.accum_steps}, "
+                f"compute_time={self.compute_time}, slowdown={self.slowdown}, fault={self.fault})")
+
+    def bind(self, context: Any, worker: int) -> None:
+        self.context, self.worker = context, worker
+        self.stream = open_stream(context.task, worker, context.num_workers, self.batch_size, self.device, context.seed)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The sampling generator of a task without its own data streams."""
+        return self.stream.generator
+
+    def setup(self) -> None:
+        context = self.context
+        self.model = context.task.build_model().to(self.device)
+        numel = context.layout.numel
+        self.flat_param = torch.empty(numel, device=self.device)
+        self.flat_grad = torch.zeros(numel, device=self.device)
+        with torch.no_grad():
+            context.layout.bind(self.model, self.flat_param, self.flat_grad)
+
+    def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
+        result = self._run_job(job)
+        if result is None and self.device.type == "cuda":
+            # the snapshot's reference dies with ``job``: let its asynchronous copy finish first
+            torch.cuda.current_stream(self.device).synchronize()
+        return result
+
+    def _run_job(self, job: Job) -> tuple[torch.Tensor, float] | None:
+        task = self.context.task
+        cuda = self.device.type == "cuda"
+        if job.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(job.ready)
+        # ``job`` keeps the snapshot alive until float(loss_sum) below has synchronized
+        # this stream, so the asynchronous copy never reads freed memory
+        self.flat_param.copy_(job.params, non_blocking=True)
+        fault = self.fault if self.fault is not None and self.fault.at_job == job.index else None
+        if fault is not None and fault.kind == "raise":
+            raise RuntimeError(f"injected fault: worker {job.worker} raised at job {job.index}")
+        if fault is not None and fault.kind == "hang":
+            while not job.cancelled():  # silent (no heartbeat) until the run drops or stops it
+                time.sleep(0.02)
+            return None
+        self.flat_grad.zero_()
+        start = time.monotonic()
+        real = 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        for step in range(self.accum_steps):
+            if job.cancelled():
+                return None
+            t0 = time.monotonic()
+            batch = self.stream.next_batch()
+            loss = task.loss(self.model, batch) / self.accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+            if cuda and self.slowdown > 1.0:  # the speed factor needs device time, not launch time
+                torch.cuda.current_stream(self.device).synchronize()
+            real += time.monotonic() - t0
+            job.beat()
+            target = max((self.compute_time or 0.0) * (step + 1) / self.accum_steps, real * self.slowdown)
+            if not job.sleep_until(start + target):
+                return None
+        if fault is not None and fault.kind == "nan":
+            self.flat_grad.fill_(math.nan)
+        return self.flat_grad, float(loss_sum)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
+def worker_main(server: "Server", i: int) -> None:
+    """Thread body of worker ``i``: set up its body, then run jobs until the run stops.
+    An exception is reported to the server (the worker is lost; the run goes on)."""
+    ws = server.ws[i]
+    body = server.bodies[i]
+    try:
+        if body.device.type == "cuda":
+            stream = torch.cuda.Stream(body.device)
+            with torch.cuda.device(body.device), torch.cuda.stream(stream):
+                body.setup()
+                _work(server, i, body)
+        else:
+            body.setup()
+            _work(server, i, body)
+    except Exception:
+        ws.phase = "stopped"  # not running: the server's hang check must not race the report
+        if not server.stopping.is_set():
+            server.faults.put((i, traceback.format_exc()))
+        return
+    ws.phase = "stopped"
+
+
+def _work(server: "Server", i: int, body: WorkerBody) -> None:
+    ws = server.ws[i]
+    stopping = server.stopping
+
+    def beat() -> None:
+        ws.beat = time.monotonic()
+
+    def sleep_until(deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        return remaining <= 0 or not ws.wake.wait(remaining)
+
+    while not stopping.is_set():
+        version, params, ready = server.published
+        ws.job_version = version
+        ws.wake.clear()
+        job = Job(i, ws.jobs, version, params, ready,
+                  cancelled=lambda v=version: v < server.cancel_below[i] or stopping.is_set() or ws.fate is not None,
+                  beat=beat, sleep_until=sleep_until)
+        ws.jobs += 1
+        beat()
+        ws.phase = "running"
+        result = body.compute(job)
+        ws.phase = "waiting"
+        if stopping.is_set() or ws.fate:
+            return
+        if result is None or job.cancelled():
+            ws.cancelled += 1
+            continue
+        grad, loss = result
+        if not server.deliver(i, version, grad, loss, body.device):
+            return
+        while True:
+            try:
+                answer = ws.inbox.get(timeout=0.1)
+            except pyqueue.Empty:
+                if stopping.is_set():
+                    return
+                continue
+            if answer == _STOP:
+                return
+            break
