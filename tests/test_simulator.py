@@ -10,7 +10,7 @@ from ringmaster_kernels.cli import main
 from ringmaster_kernels.optim.policies import make_policy
 from ringmaster_kernels.runtime.experiments import QuadraticExperiment, muon_vector_gain
 from ringmaster_kernels.runtime.objectives import LeastSquares, ModuleObjective, TridiagonalQuadratic
-from ringmaster_kernels.runtime.simulator import simulate
+from ringmaster_kernels.runtime.simulator import Simulation, simulate
 from ringmaster_kernels.runtime.time_models import TimeModel, make_time_model
 
 
@@ -467,3 +467,32 @@ def test_sampler_draws_do_not_depend_on_block_boundaries():
     calls = [np.arange(5), 2, np.array([0, 4]), 1, np.arange(5), 3]
     for w in calls:
         np.testing.assert_array_equal(one_block(w), tiny_blocks(w))
+
+
+@pytest.mark.parametrize("method", ["ringmaster", "rennala", "sync"])
+def test_paused_checkpointed_run_resumes_bit_for_bit(method, tmp_path):
+    def build():
+        objective = TridiagonalQuadratic(32, noise=0.01)
+        options = {"lr": 0.05, "norm": "l2"}
+        if method == "ringmaster":
+            options["threshold"] = 3
+        if method == "rennala":
+            options["batch"] = 3
+        policy = make_policy(method, objective.initial_params(), num_workers=6, **options)
+        model = make_time_model("paper", 6, noise="halfnormal", seed=3)
+        return Simulation(policy, objective, model, horizon=60.0, seed=7)
+
+    whole_sim = build()
+    whole = whole_sim.run()
+    first = build()
+    first.run(pause_after=40)
+    path = tmp_path / "sim.pt"
+    torch.save(first.state_dict(), path)
+    second = build()
+    second.load_state_dict(torch.load(path, weights_only=True))
+    resumed = second.run()
+    assert len(whole.time) > 40
+    for field in ("time", "worker", "delay", "accepted", "version", "cancelled", "metric", "death"):
+        np.testing.assert_array_equal(getattr(resumed, field), getattr(whole, field))
+    assert resumed.started == whole.started and resumed.end_time == whole.end_time
+    assert torch.equal(second.policy.params[0], whole_sim.policy.params[0])

@@ -23,8 +23,9 @@ class Objective:
         """Fresh tensors holding the starting point (the policy updates them in place)."""
         raise NotImplementedError
 
-    def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
-        """A stochastic gradient at ``params`` (one tensor per parameter)."""
+    def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
+        """A stochastic gradient at ``params`` (one tensor per parameter), computed by
+        ``worker`` (objectives with per-worker data read that worker's stream)."""
         raise NotImplementedError
 
     def metric(self, params: Sequence[torch.Tensor]) -> float:
@@ -66,7 +67,7 @@ class TridiagonalQuadratic(Objective):
         g[0] += self.scale
         return g
 
-    def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
+    def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
         g = self.full_gradient(params[0].numpy().reshape(-1))
         if self.noise:
             g += self.noise * rng.standard_normal()
@@ -104,7 +105,7 @@ class LeastSquares(Objective):
     def initial_params(self) -> list[torch.Tensor]:
         return [torch.zeros(self.M.shape[1], dtype=torch.float64)]
 
-    def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
+    def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
         rows = torch.from_numpy(rng.choice(self.M.shape[0], self.batch, replace=False))
         Mb = self.M[rows]
         return [Mb.T @ (Mb @ params[0] - self.y[rows]) / self.batch]
@@ -145,7 +146,7 @@ class ModuleObjective(Objective):
         out = torch.func.functional_call(self.module, dict(zip(self.names, params)), (inputs,))
         return self.loss_fn(out, targets)
 
-    def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
+    def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
         leaves = [p.detach().requires_grad_(True) for p in params]
         loss = self._loss(leaves, next(self.batches))
         return list(torch.autograd.grad(loss, leaves))

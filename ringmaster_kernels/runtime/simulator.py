@@ -113,9 +113,9 @@ def simulate(
     """Run ``policy`` on ``objective`` with workers timed by ``time_model`` until ``horizon``.
 
     Args:
-        policy: built on ``objective.initial_params()`` with ``num_workers`` equal to
-            ``time_model.num_workers``.
-        objective: supplies gradients and the logged metric.
+        policy: built on ``objective.initial_params()`` (or over the same tensors through
+            an update rule) with ``num_workers`` equal to ``time_model.num_workers``.
+        objective: supplies gradients (``gradient(params, rng, worker)``) and the metric.
         time_model: per-worker compute times.
         horizon: virtual time at which to stop (> 0).
         seed: the run's only source of randomness.
@@ -125,139 +125,230 @@ def simulate(
         progress: called with the current virtual time now and then (e.g. a tqdm update).
 
     Returns:
-        A :class:`Trace`.
+        A :class:`Trace`. :class:`Simulation` is the same run with pauses and checkpoints.
     """
-    n = time_model.num_workers
-    if policy.num_workers != n:
-        raise ValueError(f"policy.num_workers ({policy.num_workers}) must equal the time model's workers ({n})")
-    if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
-        raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
-    if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
-        raise ValueError(f"record_every must be an int >= 1, got {record_every!r}")
-    time_rng, grad_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    sample = time_model.sampler(time_rng)
-    # deaths in time order (ties: lowest worker id); each is an event, like an arrival
-    death_time = time_model.death_time
-    dying = np.argsort(death_time, kind="stable")
-    dying = dying[np.isfinite(death_time[dying])].tolist()
+    return Simulation(policy, objective, time_model, horizon=horizon, seed=seed, record_every=record_every,
+                      max_events=max_events, stop_at=stop_at, progress=progress).run()
 
-    finish = np.full(n, np.inf)  # job end times; inf: idle, dead or waiting
-    start_version = np.zeros(n, dtype=np.int64)
-    idle = np.zeros(n, dtype=bool)
-    snapshots: dict[int, list[torch.Tensor]] = {}
-    rows: list = []  # (time, worker, decision, cancelled, metric, death) per event
-    started = 0
-    lost = 0
-    now = 0.0
-    updates_since_record = 0
 
-    def start(workers: int | np.ndarray) -> None:
-        nonlocal started
-        version = policy.version
-        if version not in snapshots:
-            snapshots[version] = [p.detach().clone() for p in policy.params]
-        finish[workers] = now + sample(workers)
-        start_version[workers] = version
-        started += 1 if isinstance(workers, int) else workers.shape[0]
+class Simulation:
+    """One simulated run that can pause, be checkpointed and resume bit for bit.
 
-    def prune() -> None:
+    Same arguments as :func:`simulate`. :meth:`run` goes on until the horizon (or
+    ``pause_after`` arrivals in total) and returns the :class:`Trace` so far;
+    :meth:`state_dict` holds everything needed to continue (the policy and its update
+    rule, the parameters, job times and versions, parameter snapshots, random streams,
+    the objective's data positions when it has ``state_dict``, the rows so far), as plain
+    tensors and numbers that ``torch.load(weights_only=True)`` reads.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        objective: Objective,
+        time_model: TimeModel,
+        *,
+        horizon: float,
+        seed: int = 0,
+        record_every: int = 1,
+        max_events: int | None = None,
+        stop_at: float | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        n = time_model.num_workers
+        if policy.num_workers != n:
+            raise ValueError(f"policy.num_workers ({policy.num_workers}) must equal the time model's workers ({n})")
+        if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
+            raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
+        if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
+            raise ValueError(f"record_every must be an int >= 1, got {record_every!r}")
+        self.policy, self.objective, self.time_model = policy, objective, time_model
+        self.horizon, self.record_every, self.max_events = float(horizon), record_every, max_events
+        self.stop_at, self.progress = stop_at, progress
+        self.n = n
+        self.time_rng, self.grad_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+        self.sample = time_model.sampler(self.time_rng)
+        # deaths in time order (ties: lowest worker id); each is an event, like an arrival
+        self.death_time = time_model.death_time
+        dying = np.argsort(self.death_time, kind="stable")
+        self.dying = dying[np.isfinite(self.death_time[dying])].tolist()
+        self.finish = np.full(n, np.inf)  # job end times; inf: idle, dead or waiting
+        self.start_version = np.zeros(n, dtype=np.int64)
+        self.idle = np.zeros(n, dtype=bool)
+        self.snapshots: dict[int, list[torch.Tensor]] = {}
+        # one row per event: (time, worker, delay, accepted, version, cancelled, metric, death)
+        self.rows: list[tuple] = []
+        self.started = 0
+        self.lost = 0
+        self.now = 0.0
+        self.events = 0
+        self.updates_since_record = 0
+        self.initial_metric: float | None = None
+        self.ended = False
+        self.wall_s = 0.0
+
+    # ------------------------------------------------------------------ events
+    def _start(self, workers: int | np.ndarray) -> None:
+        version = self.policy.version
+        if version not in self.snapshots:
+            self.snapshots[version] = [p.detach().clone() for p in self.policy.params]
+        self.finish[workers] = self.now + self.sample(workers)
+        self.start_version[workers] = version
+        self.started += 1 if isinstance(workers, int) else workers.shape[0]
+
+    def _prune(self) -> None:
         # keep only versions some running job started from (bounded by n + 1 entries)
-        live = set(np.unique(start_version[np.isfinite(finish)]).tolist()) | {policy.version}
-        for v in [v for v in snapshots if v not in live]:
-            del snapshots[v]
+        live = set(np.unique(self.start_version[np.isfinite(self.finish)]).tolist()) | {self.policy.version}
+        for v in [v for v in self.snapshots if v not in live]:
+            del self.snapshots[v]
 
-    def execute(worker: int, decision: Decision, death: bool) -> bool:
+    def _execute(self, worker: int, decision: Decision, death: bool) -> bool:
         """Carry out ``decision`` at ``now`` and record the event; ``death``: it came from
         ``policy.remove_worker(worker)``, so there is no arriving worker to restart.
         Returns whether the metric reached ``stop_at``."""
-        nonlocal updates_since_record
         if not death:
             if decision.restart:
-                start(worker)
+                self._start(worker)
             else:
-                idle[worker] = True
+                self.idle[worker] = True
         cancelled = 0
         if decision.cancel_before is not None:
-            victims = np.nonzero((start_version < decision.cancel_before) & np.isfinite(finish))[0]
+            victims = np.nonzero((self.start_version < decision.cancel_before) & np.isfinite(self.finish))[0]
             cancelled = victims.shape[0]
             if cancelled:
-                start(victims)
+                self._start(victims)
         if decision.restart_idle:
-            waiting = np.nonzero(idle)[0]
-            idle[:] = False
-            start(waiting)
+            waiting = np.nonzero(self.idle)[0]
+            self.idle[:] = False
+            self._start(waiting)
         metric = math.nan
         reached = False
         if decision.advanced:
-            updates_since_record += 1
-            if updates_since_record >= record_every:
-                metric = objective.metric(policy.params)
-                updates_since_record = 0
-                reached = stop_at is not None and metric <= stop_at
-        rows.append((now, worker, decision, cancelled, metric, death))
+            self.updates_since_record += 1
+            if self.updates_since_record >= self.record_every:
+                metric = self.objective.metric(self.policy.params)
+                self.updates_since_record = 0
+                reached = self.stop_at is not None and metric <= self.stop_at
+        self.rows.append((self.now, worker, decision.delay, decision.accepted, decision.version, cancelled, metric, death))
         return reached
 
-    wall_start = time.perf_counter()
-    initial_metric = objective.metric(policy.params)
-    start(np.arange(n))
-    events = 0
-    reached = False
-    next_progress = 0.0
-    while max_events is None or events < max_events:
-        worker = int(np.argmin(finish))
-        t = float(finish[worker])
-        death = bool(dying) and death_time[dying[0]] < t  # a job ending exactly at a death is delivered
-        if death:
-            worker = dying[0]
-            t = float(death_time[worker])
-        if t > horizon:
-            break
-        now = t
-        if death:
-            dying.pop(0)
-            # the worker is gone: its job never ends and no decision may restart it
-            lost += int(np.isfinite(finish[worker]))
-            finish[worker] = np.inf
-            idle[worker] = False
-            decision = policy.remove_worker(worker)
-            if decision is None:
-                decision = Decision(accepted=False, advanced=False, version=policy.version, delay=0)
-            reached = execute(worker, decision, death=True)
-        else:
-            version = int(start_version[worker])
-            snapshot = snapshots[version]
-            decision = policy.on_gradient(worker, version, lambda: objective.gradient(snapshot, grad_rng))
-            events += 1
-            finish[worker] = np.inf
-            reached = execute(worker, decision, death=False)
-        if reached:
-            break
-        if len(snapshots) > 2 * n + 16:
-            prune()
-        if progress is not None and now >= next_progress:
-            progress(now)
-            next_progress = now + horizon / 200
-    ran_out = (max_events is not None and events >= max_events) or reached or not np.isfinite(finish).any()
-    end_time = now if ran_out else horizon
-    if progress is not None:
-        progress(min(end_time, horizon))
+    def run(self, pause_after: int | None = None) -> Trace:
+        """Simulate until the end (horizon, ``max_events``, ``stop_at``, no job left) or
+        until ``pause_after`` arrivals in total; returns the trace so far."""
+        wall_start = time.perf_counter()
+        policy, finish, death_time, dying = self.policy, self.finish, self.death_time, self.dying
+        if self.initial_metric is None:
+            self.initial_metric = self.objective.metric(policy.params)
+            self._start(np.arange(self.n))
+        reached = False
+        next_progress = self.now
+        limit = self.max_events if pause_after is None else (
+            pause_after if self.max_events is None else min(pause_after, self.max_events))
+        paused = False
+        while not self.ended:
+            if limit is not None and self.events >= limit:
+                paused = self.max_events is None or self.events < self.max_events
+                break
+            worker = int(np.argmin(finish))
+            t = float(finish[worker])
+            death = bool(dying) and death_time[dying[0]] < t  # a job ending exactly at a death is delivered
+            if death:
+                worker = dying[0]
+                t = float(death_time[worker])
+            if t > self.horizon:
+                break
+            self.now = t
+            if death:
+                dying.pop(0)
+                # the worker is gone: its job never ends and no decision may restart it
+                self.lost += int(np.isfinite(finish[worker]))
+                finish[worker] = np.inf
+                self.idle[worker] = False
+                decision = policy.remove_worker(worker)
+                if decision is None:
+                    decision = Decision(accepted=False, advanced=False, version=policy.version, delay=0)
+                reached = self._execute(worker, decision, death=True)
+            else:
+                version = int(self.start_version[worker])
+                snapshot = self.snapshots[version]
+                decision = policy.on_gradient(
+                    worker, version, lambda: self.objective.gradient(snapshot, self.grad_rng, worker))
+                self.events += 1
+                finish[worker] = np.inf
+                reached = self._execute(worker, decision, death=False)
+            if reached:
+                break
+            if len(self.snapshots) > 2 * self.n + 16:
+                self._prune()
+            if self.progress is not None and self.now >= next_progress:
+                self.progress(self.now)
+                next_progress = self.now + self.horizon / 200
+        if not paused:
+            self.ended = True
+        ran_out = (self.max_events is not None and self.events >= self.max_events) or reached or not np.isfinite(finish).any()
+        end_time = self.now if (ran_out or paused) else self.horizon
+        if self.progress is not None:
+            self.progress(min(end_time, self.horizon))
+        self.wall_s += time.perf_counter() - wall_start
+        return self.trace(end_time)
 
-    def column(values, dtype) -> np.ndarray:
-        return np.fromiter(values, dtype=dtype, count=len(rows))
+    def trace(self, end_time: float) -> Trace:
+        rows = self.rows
 
-    return Trace(
-        time=column((r[0] for r in rows), np.float64),
-        worker=column((r[1] for r in rows), np.int64),
-        delay=column((r[2].delay for r in rows), np.int64),
-        accepted=column((r[2].accepted for r in rows), bool),
-        version=column((r[2].version for r in rows), np.int64),
-        cancelled=column((r[3] for r in rows), np.int64),
-        metric=column((r[4] for r in rows), np.float64),
-        death=column((r[5] for r in rows), bool),
-        initial_metric=initial_metric,
-        started=started,
-        lost=lost,
-        end_time=end_time,
-        metric_name=objective.metric_name,
-        wall_s=time.perf_counter() - wall_start,
-    )
+        def column(i: int, dtype) -> np.ndarray:
+            return np.fromiter((r[i] for r in rows), dtype=dtype, count=len(rows))
+
+        return Trace(
+            time=column(0, np.float64), worker=column(1, np.int64), delay=column(2, np.int64),
+            accepted=column(3, bool), version=column(4, np.int64), cancelled=column(5, np.int64),
+            metric=column(6, np.float64), death=column(7, bool),
+            initial_metric=self.initial_metric, started=self.started, lost=self.lost, end_time=end_time,
+            metric_name=self.objective.metric_name, wall_s=self.wall_s,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything :meth:`load_state_dict` needs to continue this run bit for bit."""
+        objective_state = getattr(self.objective, "state_dict", None)
+        return {
+            "policy": self.policy.state_dict(),
+            "params": [p.detach().clone() for p in self.policy.params],
+            "objective": objective_state() if objective_state is not None else None,
+            "grad_rng": self.grad_rng.bit_generator.state,
+            "sampler": self.sample.state_dict(),
+            "finish": torch.from_numpy(self.finish.copy()),
+            "start_version": torch.from_numpy(self.start_version.copy()),
+            "idle": torch.from_numpy(self.idle.copy()),
+            "dying": list(self.dying),
+            "snapshots": {int(v): [t.clone() for t in ts] for v, ts in self.snapshots.items()},
+            "rows": [tuple(r) for r in self.rows],
+            "counters": {"started": self.started, "lost": self.lost, "events": self.events,
+                         "updates_since_record": self.updates_since_record},
+            "now": self.now,
+            "initial_metric": self.initial_metric,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of a simulation built the same way."""
+        n = self.n
+        for key in ("finish", "start_version", "idle"):
+            if tuple(state[key].shape) != (n,):
+                raise ValueError(f"state: {key} has shape {tuple(state[key].shape)}, this simulation has {n} workers")
+        self.policy.load_state_dict(state["policy"])
+        with torch.no_grad():
+            for p, saved in zip(self.policy.params, state["params"], strict=True):
+                p.copy_(saved)
+        if state["objective"] is not None:
+            self.objective.load_state_dict(state["objective"])
+        self.grad_rng.bit_generator.state = state["grad_rng"]
+        self.sample.load_state_dict(state["sampler"])  # restores the time stream too
+        self.finish[:] = state["finish"].numpy()
+        self.start_version[:] = state["start_version"].numpy()
+        self.idle[:] = state["idle"].numpy()
+        self.dying[:] = [int(w) for w in state["dying"]]
+        self.snapshots = {int(v): [t.clone() for t in ts] for v, ts in state["snapshots"].items()}
+        self.rows = [tuple(r) for r in state["rows"]]
+        counters = state["counters"]
+        self.started, self.lost, self.events = counters["started"], counters["lost"], counters["events"]
+        self.updates_since_record = counters["updates_since_record"]
+        self.now, self.initial_metric = float(state["now"]), state["initial_metric"]

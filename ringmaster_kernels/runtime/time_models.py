@@ -73,8 +73,8 @@ class TimeModel:
             return rng.pareto(self.pareto_shape, m)
         return np.zeros(m)
 
-    def sampler(self, rng: np.random.Generator, block: int = 8192) -> Callable[[int | np.ndarray], float | np.ndarray]:
-        """A function ``sample(workers)``: durations of jobs the workers start now.
+    def sampler(self, rng: np.random.Generator, block: int = 8192) -> "Sampler":
+        """A :class:`Sampler`: ``sample(workers)`` gives durations of jobs the workers start now.
 
         ``workers`` is one worker id (returns a float) or an int array (returns an
         array, one draw per worker in the given order). Noise is drawn from ``rng`` in
@@ -82,33 +82,7 @@ class TimeModel:
         and the sequence of calls. Deaths are ignored: the simulator ends a dead
         worker's job at the death event (a job cancelled before it restarts normally).
         """
-        buffer = self._draws(rng, block)
-        pos = 0
-        base, scale = self.base, self.scale
-
-        def take(m: int) -> np.ndarray:
-            nonlocal buffer, pos
-            parts = []
-            while m > 0:
-                if pos == block:
-                    buffer, pos = self._draws(rng, block), 0
-                k = min(m, block - pos)
-                parts.append(buffer[pos:pos + k])
-                pos += k
-                m -= k
-            return parts[0] if len(parts) == 1 else np.concatenate(parts or [buffer[:0]])  # m = 0: no one to start
-
-        def sample(workers):
-            nonlocal buffer, pos
-            if isinstance(workers, (int, np.integer)):  # one restart per event: the hot path
-                if pos == block:
-                    buffer, pos = self._draws(rng, block), 0
-                duration = base[workers] + scale[workers] * buffer[pos]
-                pos += 1
-                return float(duration)
-            return base[workers] + scale[workers] * take(workers.shape[0])
-
-        return sample
+        return Sampler(self, rng, block)
 
     def mean_times(self) -> np.ndarray:
         """Expected time per gradient of each worker (ignoring deaths)."""
@@ -214,3 +188,45 @@ def with_faults(model: TimeModel, *, outliers: dict[int, float] | None = None,
     for worker, t in (deaths or {}).items():
         death[worker] = min(death[worker], t)
     return TimeModel(base, scale, model.noise, death, model.pareto_shape)
+
+
+class Sampler:
+    """Draws of a :class:`TimeModel` in blocks, with a resumable position (see ``TimeModel.sampler``)."""
+
+    def __init__(self, model: TimeModel, rng: np.random.Generator, block: int) -> None:
+        self.model, self.rng, self.block = model, rng, block
+        self.base, self.scale = model.base, model.scale
+        self._refill()
+
+    def _refill(self) -> None:
+        # the generator's state before each block is all a checkpoint needs to redraw it
+        self.block_state = self.rng.bit_generator.state
+        self.buffer, self.pos = self.model._draws(self.rng, self.block), 0
+
+    def _take(self, m: int) -> np.ndarray:
+        parts = []
+        while m > 0:
+            if self.pos == self.block:
+                self._refill()
+            k = min(m, self.block - self.pos)
+            parts.append(self.buffer[self.pos:self.pos + k])
+            self.pos += k
+            m -= k
+        return parts[0] if len(parts) == 1 else np.concatenate(parts or [self.buffer[:0]])  # m = 0: no one to start
+
+    def __call__(self, workers):
+        if isinstance(workers, (int, np.integer)):  # one restart per event: the hot path
+            if self.pos == self.block:
+                self._refill()
+            duration = self.base[workers] + self.scale[workers] * self.buffer[self.pos]
+            self.pos += 1
+            return float(duration)
+        return self.base[workers] + self.scale[workers] * self._take(workers.shape[0])
+
+    def state_dict(self) -> dict:
+        return {"block_state": self.block_state, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["block_state"]
+        self._refill()
+        self.pos = int(state["pos"])
