@@ -373,3 +373,13 @@ def patch(module: str = "nanochat.gpt", **options: Any) -> Iterator[None]:
         yield
     finally:
         restore()
+
+
+def __getattr__(name: str) -> Any:
+    # The async task imports this module (for the optimizer); loaded on first use so
+    # either module can be imported first.
+    if name in ("NanoChatTask", "load_checkout", "parse_base_train_args", "Recipe"):
+        from . import nanochat_task
+
+        return getattr(nanochat_task, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,12 +47,14 @@ class FlatLayout:
 
 def param_layout(task: _Groups, model: nn.Module) -> tuple[FlatLayout, list[tuple[dict, list[str]]]]:
     """Group ``model``'s parameters by ``task.group_of`` (first appearance order) and lay
-    them out group after group. Every process that exchanges flat buffers (server, local
+    them out group after group (one group, in model order, for a task without
+    ``group_of``: its update rule brings its own groups). Every process that exchanges flat buffers (server, local
     and remote workers) derives the same layout.
     Returns the layout and ``[(group options, parameter names)]``."""
     groups: dict[tuple, tuple[dict, list[str]]] = {}
+    group_of = getattr(task, "group_of", None)
     for name, _ in model.named_parameters():
-        options = dict(task.group_of(name))
+        options = dict(group_of(name)) if group_of is not None else {}
         key = tuple(sorted((k, repr(v)) for k, v in options.items()))
         groups.setdefault(key, (options, []))[1].append(name)
     shapes = dict((name, p.shape) for name, p in model.named_parameters())

@@ -49,8 +49,9 @@ class Task(Protocol):
     parameters (the server's master copy); without it, ``group_of(name)`` gives each
     parameter's options of the built-in LMO rule, e.g. ``{"norm": "spectral"}``.
 
-    Optional: ``metric_name`` (str); ``export(model, policy, version, directory)`` writes
-    the final model in the task's own format next to the runtime's checkpoint.
+    Optional: ``metric_name`` (str); ``export(model, policy, version, metric)`` writes the
+    final model in the task's own format after the runtime's final checkpoint (its return
+    value is kept as ``trainer.exported``).
     """
 
     def build_model(self) -> nn.Module: ...
@@ -163,6 +164,7 @@ class AsyncTrainer:
         self._totals_before: Counter = Counter()
         self.history = History()
         self.server: Server | None = None
+        self.exported: Any = None
         self._stop_reason = ""
         self._ran = False
 
@@ -281,7 +283,7 @@ class AsyncTrainer:
                 self.save_checkpoint()
                 export = getattr(self.task, "export", None)
                 if export is not None:
-                    export(self.model, self.policy, self.version, os.path.dirname(os.path.abspath(self.checkpoint_path)))
+                    self.exported = export(self.model, self.policy, self.version, self.evals[-1][2])
         finally:
             torch.set_num_threads(old_threads)
             sys.setswitchinterval(old_switch)
