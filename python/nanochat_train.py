@@ -9,6 +9,11 @@ checkout given by ``--nanochat-dir``, with every argument after ``--`` passed to
 
 base_train needs NanoChat's prepared data (parquet shards, trained tokenizer) and its
 dependencies installed; this launcher adds nothing to that.
+
+Under torchrun on a CPU, NanoChat creates no process group (it does so only on CUDA), so
+every rank would silently train its own model. This launcher then sets up Gloo itself
+before base_train starts: ranks read their own data slices and RingmasterMuonAdamW
+averages the gradients over the group, so they train one model.
 """
 import argparse
 import os
@@ -18,6 +23,32 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ringmaster_kernels.integrations.nanochat import EXTRAS, install  # noqa: E402
+
+
+def device_type(script_args: list[str]) -> str:
+    """base_train's ``--device-type`` (``""``: autodetect, CUDA when available)."""
+    for i, arg in enumerate(script_args):
+        if arg.startswith("--device-type="):
+            return arg.split("=", 1)[1]
+        if arg == "--device-type" and i + 1 < len(script_args):
+            return script_args[i + 1]
+    return ""
+
+
+def join_gloo_if_cpu(script_args: list[str]) -> None:
+    """Under torchrun with a non-CUDA device, initialise a Gloo process group (see the module doc)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    kind = device_type(script_args) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return  # NanoChat's compute_init creates the NCCL group itself
+    if kind != "cpu":
+        raise SystemExit(f"nanochat_train: torchrun with --device-type={kind}: only cpu (Gloo) and cuda (NCCL) "
+                         "can average gradients across ranks; refusing to train independent models")
+    dist.init_process_group("gloo")
 
 
 def main(argv: list[str]) -> int:
@@ -40,6 +71,7 @@ def main(argv: list[str]) -> int:
     if args.nonfinite != "skip":
         options["nonfinite"] = args.nonfinite
     sys.path.insert(0, root)
+    join_gloo_if_cpu(rest)
     install(**options)
     sys.argv = [os.path.join(root, "scripts", "base_train.py"), *rest]
     runpy.run_module("scripts.base_train", run_name="__main__", alter_sys=True)

@@ -229,8 +229,6 @@ class OptimizerRule:
         self.optimizer = optimizer
         self.schedule = schedule
         self.params: list[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
-        if len({id(p) for p in self.params}) != len(self.params):
-            raise ValueError("optimizer: a parameter appears in more than one group")
 
     @torch.no_grad()
     def apply(self, grads: Sequence[torch.Tensor], version: int, lr_factor: float = 1.0,
