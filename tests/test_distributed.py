@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from ringmaster_kernels.runtime.distributed import RemoteWorker, init_from_env
@@ -90,3 +91,37 @@ def test_bad_arguments():
                 init_from_env()
         finally:
             os.environ.update(saved)
+
+
+def test_a_cancellation_to_a_hung_rank_never_blocks_the_server(monkeypatch):
+    """SIGSTOP of a worker rank made the server's dist.send(CANCEL) block for the whole
+    process-group timeout; cancellations now go through the proxy's own sender thread."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from ringmaster_kernels.runtime import distributed
+
+    blocked = threading.Event()
+    release = threading.Event()
+
+    def hung_send(tensor, dst, tag=0):
+        blocked.set()
+        release.wait(30)  # the peer never answers
+
+    monkeypatch.setattr(distributed, "comm_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(distributed.dist, "send", hung_send)
+    worker = distributed.RemoteWorker(1)
+    worker.bind(SimpleNamespace(layout=SimpleNamespace(numel=4)), 0)
+    worker.setup()
+    try:
+        t0 = time.monotonic()
+        for before in range(1, 50):
+            worker.interrupt(before)
+        assert time.monotonic() - t0 < 1.0
+        assert blocked.wait(10)  # the sender thread did try to send
+    finally:
+        worker.close()
+        release.set()
+        worker._sender.join(10)
+    assert not worker._sender.is_alive()

@@ -360,3 +360,125 @@ def test_one_gpu_two_worker_threads_train():
     check_accounting(summary)
     assert summary["final_loss"] < summary["initial_loss"] - 1.0
     assert summary["per_worker"][0]["pushed"] > summary["per_worker"][1]["pushed"]
+
+
+class _Payload:
+    """Unpickling this runs code: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _saved_trainer(tmp_path):
+    path = tmp_path / "ck.pt"
+    trainer = linear_trainer([LocalWorker(batch_size=4)], checkpoint_path=path)
+    trainer.run(max_updates=5, max_time=RUN_LIMIT)
+    return path, torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_never_runs_code_and_damage_is_one_clear_error(tmp_path):
+    path, state = _saved_trainer(tmp_path)
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({**state, "loss_ema": _Payload(str(marker))}, crafted)
+    raw = path.read_bytes()
+    damaged = {
+        "truncated.pt": raw[: len(raw) // 2], "empty.pt": b"", "random.pt": os.urandom(4096),
+        "flipped.pt": raw[:100] + bytes(b ^ 0xFF for b in raw[100:400]) + raw[400:],
+    }
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({**state, "params": state["params"][:-1]}, tmp_path / "short.pt")
+    torch.save({k: v for k, v in state.items() if k != "policy"}, tmp_path / "missing.pt")
+    bad_version = {**state, "policy": {**state["policy"], "counters": {**state["policy"]["counters"], "version": -7}}}
+    torch.save(bad_version, tmp_path / "version.pt")
+    (tmp_path / "adir.pt").mkdir()
+    for name in ["crafted.pt", *damaged, "list.pt", "short.pt", "missing.pt", "version.pt", "adir.pt"]:
+        fresh = linear_trainer([LocalWorker(batch_size=4)])
+        before = fresh.master.clone()
+        with pytest.raises(ValueError) as info:
+            fresh.load_checkpoint(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value), name
+        assert torch.equal(fresh.master, before), name  # nothing was changed
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["params", "momentum"])
+def test_non_finite_state_is_refused_on_resume(tmp_path, where):
+    path = tmp_path / "ck.pt"
+    trainer = linear_trainer([LocalWorker(batch_size=4)], policy_options={"lr": 0.05, "momentum": 0.9},
+                             checkpoint_path=path)
+    trainer.run(max_updates=5, max_time=RUN_LIMIT)
+    state = torch.load(path, weights_only=True)
+    if where == "params":
+        state["params"][0] = math.nan
+    else:
+        state["policy"]["rule"]["momentum_buffers"][0].fill_(math.inf)
+    torch.save(state, path)
+    fresh = linear_trainer([LocalWorker(batch_size=4)], policy_options={"lr": 0.05, "momentum": 0.9})
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fresh.load_checkpoint(path)
+
+
+def test_accounting_holds_across_mid_run_checkpoints_and_resumes(tmp_path):
+    path = tmp_path / "ck.pt"
+    workers = lambda: [LocalWorker(batch_size=4, compute_time=t) for t in (0.002, 0.004, 0.006)]  # noqa: E731
+    options = {"lr": 0.05, "momentum": 0.0, "threshold": 2}
+    target = 0
+    for cycle in range(4):
+        trainer = linear_trainer(workers(), "ringmaster", policy_options=options, checkpoint_path=path, checkpoint_every=3)
+        if path.exists():
+            # resume from the last *mid-run* checkpoint, as after a SIGKILL
+            state = torch.load(path, weights_only=True)
+            trainer.load_checkpoint(path)
+            t = state["totals"]
+            assert t["pushed"] == t["accepted"] + t["discarded"] + t["in_flight"], t
+        target += 10
+        summary = trainer.run(max_updates=target, max_time=RUN_LIMIT)
+        check_accounting(summary)
+    combined = summary["totals_including_resumed"]
+    assert combined["pushed"] == combined["accepted"] + combined["discarded"] + combined["in_flight"]
+
+
+def test_stale_temporary_checkpoints_are_removed(tmp_path):
+    path = tmp_path / "ck.pt"
+    stale = tmp_path / "ck.pt.tmp999999"
+    stale.write_bytes(b"x" * 1000)
+    trainer = linear_trainer([LocalWorker(batch_size=4)], checkpoint_path=path)
+    trainer.run(max_updates=3, max_time=RUN_LIMIT)
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+SIGTERM_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_trainer import linear_trainer
+from ringmaster_kernels.runtime.trainer import LocalWorker
+trainer = linear_trainer([LocalWorker(batch_size=4, compute_time=0.01)], checkpoint_path={path!r})
+print("started", flush=True)
+summary = trainer.run(max_time=60)
+print("stopped", summary["stop_reason"], summary["updates"], flush=True)
+"""
+
+
+def test_sigterm_stops_cleanly_with_a_final_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "ck.pt"
+    script = SIGTERM_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), path=str(path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.split()[:2] == ["stopped", "terminated"] and int(out.split()[2]) > 0
+    state = torch.load(path, weights_only=True)
+    assert state["policy"]["counters"]["version"] == int(out.split()[2])

@@ -29,6 +29,7 @@ import datetime
 import itertools
 import math
 import os
+import queue
 import signal
 import threading
 import time
@@ -82,6 +83,27 @@ class RemoteWorker:
     def setup(self) -> None:
         self.reply = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.grad = torch.empty(self.trainer.layout.numel, device=self.device)
+        # Cancellations are sent from a thread of their own: a send to a stopped or hung
+        # rank blocks until the process group's timeout, and the server (which decides
+        # cancellations and checks workers' health) must never wait on it.
+        self._cancels: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_cancels, name=f"ringmaster-cancel-sender-{self.rank}",
+                                        daemon=True)
+        self._sender.start()
+
+    def _send_cancels(self) -> None:
+        while True:
+            message = self._cancels.get()
+            if message is None:
+                return
+            try:
+                dist.send(message, dst=self.rank, tag=CANCEL_TAG)
+            except Exception:
+                return  # a dead peer or a closed group: the proxy thread's pending recv reports it
+
+    def close(self) -> None:
+        """End the cancellation sender once its queued messages are sent."""
+        self._cancels.put(None)
 
     def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
         if job.ready is not None:
@@ -101,11 +123,7 @@ class RemoteWorker:
     def interrupt(self, cancel_before: int) -> None:
         """Cancel the remote job if it started at a version below ``cancel_before``
         (called by the server thread while :meth:`compute` waits in the proxy thread)."""
-        message = torch.tensor([self.session, cancel_before], dtype=torch.float64, device=self.device)
-        try:
-            dist.send(message, dst=self.rank, tag=CANCEL_TAG)
-        except RuntimeError:
-            pass  # a dead peer: the proxy thread's pending recv reports it
+        self._cancels.put(torch.tensor([self.session, cancel_before], dtype=torch.float64, device=self.device))
 
     def state_dict(self) -> dict:
         return {}

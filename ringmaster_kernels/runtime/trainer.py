@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -293,7 +294,23 @@ class AsyncTrainer:
         return self._elapsed_before + time.monotonic() - self._start
 
     def _monitor(self, done: threading.Event) -> None:
-        """Main thread: progress lines, periodic evaluation, Ctrl-C."""
+        """Main thread: progress lines, periodic evaluation, Ctrl-C and SIGTERM (torchrun's
+        answer to a failed rank, a scheduler's stop): both stop the run cleanly, with the
+        final checkpoint and summary."""
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main else None
+        try:
+            self._watch(done)
+        finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.request_stop("terminated")
+        if self.log:
+            self.log("[ringmaster] SIGTERM: stopping cleanly (final checkpoint follows)")
+
+    def _watch(self, done: threading.Event) -> None:
         server = self.server
         next_log = time.monotonic() + self.log_every
         next_eval = time.monotonic() + (self.eval_every or math.inf)
