@@ -15,7 +15,7 @@ only the delay rule differs. Metric: validation bits per byte.
 NanoChat's data (parquet shards under $NANOCHAT_BASE_DIR, a trained tokenizer) must be
 prepared as for base_train. Writes ``--out/summary.json``, ``--out/loss_vs_time.png``,
 checkpoints under ``--out/<method>/`` and NanoChat-format checkpoints under
-``$NANOCHAT_BASE_DIR/base_checkpoints/ringmaster_<method>_d<depth>``.
+``$NANOCHAT_BASE_DIR/base_checkpoints/ringmaster_<clock>_<method>_d<depth>``.
 """
 import argparse
 import json
@@ -44,6 +44,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--accum", type=int, default=1, help="device batches per gradient")
     parser.add_argument("--eval-every", type=float, default=10.0, help="real clock: seconds between val bpb evaluations")
     parser.add_argument("--record-every", type=int, default=5, help="virtual clock: updates between val bpb evaluations")
+    parser.add_argument("--base", type=float,
+                        help="virtual clock: seconds per gradient of the fastest worker (default: measured on this device)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads (process-wide)")
     parser.add_argument("--out", default="runs/nanochat_async", help="directory for summary.json, the plot, checkpoints")
@@ -60,6 +62,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for name in ("time", "eval_every"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}")
+    if args.base is not None and not (math.isfinite(args.base) and args.base > 0):
+        parser.error(f"--base must be a finite number of seconds > 0, got {args.base}")
     if args.distributed and args.clock != "real":
         parser.error("--distributed runs real workers: use it with --clock real")
     if args.seed < 0:
@@ -81,7 +85,7 @@ def main(argv: list[str]) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
         cuda = torch.cuda.is_available()
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
-        task = NanoChatTask(args.nanochat_dir, rest, device=devices[0])
+        task = NanoChatTask(args.nanochat_dir, rest, device=devices[0], tag_prefix=f"ringmaster_{args.clock}")
     except ValueError as exc:
         raise SystemExit(f"nanochat_async: {exc}") from None
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -92,7 +96,7 @@ def main(argv: list[str]) -> int:
         task, methods, clock=args.clock, num_workers=args.workers, profile=args.profile, seconds=args.time,
         out=args.out, seed=args.seed, threshold=args.threshold, batch=args.batch, batch_size=a.device_batch_size,
         accum=args.accum, devices=devices, eval_every=args.eval_every, record_every=args.record_every, log=log,
-        torch_threads=args.torch_threads)
+        torch_threads=args.torch_threads, base_seconds=args.base)
     return report(args, rest, summaries, plot_path)
 
 

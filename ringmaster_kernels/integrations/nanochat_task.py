@@ -255,7 +255,8 @@ class NanoChatTask:
         device: where models are built (workers move their replicas to their device).
         export_dir: where :meth:`export` writes NanoChat checkpoints (default
             ``<NanoChat base dir>/base_checkpoints``).
-        eval_tokens: override ``--eval-tokens`` (validation tokens per evaluation).
+        tag_prefix: the exported model's tag is ``<prefix>_<method>_d<depth>`` (or
+            ``--model-tag``), e.g. to keep runs of the two clocks apart.
         optimizer_options: passed to ``RingmasterMuonAdamW`` (e.g. ``backend``).
     """
 
@@ -263,7 +264,8 @@ class NanoChatTask:
 
     def __init__(self, nanochat_dir: str | os.PathLike, base_train_args: Sequence[str] = (), *,
                  batch_tokens: int | None = None, device: str | torch.device = "cpu",
-                 export_dir: str | os.PathLike | None = None, optimizer_options: dict | None = None) -> None:
+                 export_dir: str | os.PathLike | None = None, tag_prefix: str = "ringmaster",
+                 optimizer_options: dict | None = None) -> None:
         self.args = parse_base_train_args(base_train_args)
         self.modules = load_checkout(nanochat_dir)
         self.device = torch.device(device)
@@ -277,6 +279,7 @@ class NanoChatTask:
         scaling = self._scaling_params(self.config)
         self.recipe = Recipe(a, batch_tokens, scaling, self._scaling_params(self._config(12)))
         self.optimizer_options = dict(optimizer_options or {})
+        self.tag_prefix = tag_prefix
         base_dir = self.modules["nanochat.common"].get_base_dir()
         self.export_dir = os.fspath(export_dir) if export_dir is not None else os.path.join(base_dir, "base_checkpoints")
         self.eval_steps = max(1, a.eval_tokens // (a.device_batch_size * a.max_seq_len))
@@ -347,7 +350,7 @@ class NanoChatTask:
 
     # ------------------------------------------------------------------ export
     def model_tag(self, method: str) -> str:
-        return self.args.model_tag or f"ringmaster_{method}_d{self.args.depth}"
+        return self.args.model_tag or f"{self.tag_prefix}_{method}_d{self.args.depth}"
 
     def export(self, model: torch.nn.Module, policy: Any, version: int, metric: float | None) -> str:
         """Write ``model`` and the update rule's optimizer in NanoChat's checkpoint layout
@@ -373,8 +376,13 @@ class NanoChatTask:
         return out
 
 
+_QUIET = threading.RLock()
+
+
 @contextlib.contextmanager
 def _quiet():
-    """NanoChat prints banners and lr-scale lines from every replica; keep them off stdout."""
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+    """NanoChat prints banners and lr-scale lines from every replica; keep them off stdout.
+    ``sys.stdout`` is process-wide and worker threads build replicas at once, so the
+    redirections are serialised (interleaved ones would leave stdout on a closed file)."""
+    with _QUIET, open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         yield

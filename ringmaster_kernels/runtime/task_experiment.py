@@ -153,7 +153,8 @@ def _virtual(task: Any, method: str, options: dict, *, n: int, profile: str, sec
 def run_methods(task: Any, methods: Sequence[str], *, clock: str, num_workers: int, profile: str, seconds: float,
                 out: str, seed: int = 0, threshold: int = 2, batch: int | None = None, batch_size: int = 4,
                 accum: int = 1, devices: Sequence[str] = ("cpu",), eval_every: float = 10.0, record_every: int = 5,
-                log: Callable[[str], None] | None = None, torch_threads: int | None = 1) -> dict[str, dict]:
+                log: Callable[[str], None] | None = None, torch_threads: int | None = 1,
+                base_seconds: float | None = None) -> dict[str, dict]:
     """Run every method on ``task``; returns method -> summary (see the module doc).
 
     Real clock: ``seconds`` of wall time per method, held-out metric every ``eval_every``
@@ -171,8 +172,10 @@ def run_methods(task: Any, methods: Sequence[str], *, clock: str, num_workers: i
         raise ValueError(f"time must be a finite number of seconds > 0, got {seconds!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise ValueError(f"threshold must be an int >= 1, got {threshold!r}")
+    if base_seconds is not None and not (math.isfinite(base_seconds) and base_seconds > 0):
+        raise ValueError(f"base must be a finite number of seconds > 0, got {base_seconds!r}")
     os.makedirs(out, exist_ok=True)
-    base: list[float] = []
+    base: list[float] = [] if base_seconds is None else [float(base_seconds)]
     summaries = {}
     for method in names:
         options = policy_options(method, threshold, batch, num_workers)
@@ -183,9 +186,15 @@ def run_methods(task: Any, methods: Sequence[str], *, clock: str, num_workers: i
                                       out=out, devices=devices, batch_size=batch_size, accum=accum,
                                       eval_every=eval_every, log=log, torch_threads=torch_threads)
         else:
-            summaries[method] = _virtual(task, method, options, n=num_workers, profile=profile, seconds=seconds,
-                                         seed=seed, out=out, device=devices[0], batch_size=batch_size, accum=accum,
-                                         record_every=record_every, base=base, log=log)
+            threads = torch.get_num_threads()
+            if torch_threads:
+                torch.set_num_threads(torch_threads)
+            try:
+                summaries[method] = _virtual(task, method, options, n=num_workers, profile=profile, seconds=seconds,
+                                             seed=seed, out=out, device=devices[0], batch_size=batch_size,
+                                             accum=accum, record_every=record_every, base=base, log=log)
+            finally:
+                torch.set_num_threads(threads)
     add_time_to_reference(summaries)
     return summaries
 
