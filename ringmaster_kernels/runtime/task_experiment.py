@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import time
 from collections import Counter
 from typing import Any, Callable, Sequence
@@ -250,7 +251,7 @@ def plot(summaries: dict[str, dict], path: str, title: str) -> str:
         ax.axhline(target["value"], color="gray", linestyle=":", linewidth=1, label=f"{target['reference']} final")
     ax.set_xlabel(f"{clock} time (s)")
     ax.set_ylabel(next(iter(summaries.values()))["metric"])
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
