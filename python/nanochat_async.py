@@ -102,10 +102,11 @@ def main(argv: list[str]) -> int:
 
 def report(args: argparse.Namespace, rest: list[str], summaries: dict, plot_path: str) -> int:
     from ringmaster_kernels.runtime import task_experiment as te
+    from ringmaster_kernels.runtime.reporting import json_ready
 
     title = f"NanoChat ({' '.join(rest) or 'base_train defaults'}): {args.workers} workers, {args.profile}, {args.clock} clock"
     te.plot(summaries, plot_path, title)
-    result = {"args": vars(args), "base_train_args": rest, "methods": te.json_ready(summaries), "plot": plot_path}
+    result = {"args": vars(args), "base_train_args": rest, "methods": json_ready(summaries), "plot": plot_path}
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
         json.dump(result, fh, indent=1, allow_nan=False, default=str)
     if args.json:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 from chat_task import ChatTask
 from ringmaster_kernels.optim.policies import Ringmaster, make_policy
 from ringmaster_kernels.runtime import checkpoint, task_experiment
+from ringmaster_kernels.runtime.reporting import json_ready
 from ringmaster_kernels.runtime.simulator import Simulation
 from ringmaster_kernels.runtime.trainer import AsyncTrainer, LocalWorker
 from ringmaster_kernels.runtime.virtual import TaskObjective, authors_time_model, master_model
@@ -153,7 +153,7 @@ def test_methods_compared_on_one_recipe(clock, tmp_path):
     assert "ringmaster" in task_experiment.table(summaries)
     png = task_experiment.plot(summaries, str(tmp_path / "plot.png"), "test")
     assert os.path.getsize(png) > 1000
-    json.dumps(task_experiment.json_ready(summaries), allow_nan=False)
+    json.dumps(json_ready(summaries), allow_nan=False)
 
 
 def test_time_to_distinguishes_touch_and_stay():

@@ -16,6 +16,8 @@ import json
 import math
 import sys
 
+from ..runtime.reporting import json_ready
+
 METHOD_NAMES = ("ringmaster", "ringmaster_pa", "sync", "async", "delay_adaptive", "rennala")
 TIME_MODELS = ("paper", "constant", "sqrt", "linear", "uniform")
 
@@ -211,7 +213,7 @@ def _quadratic(args, ex, exp, methods, params, overridden) -> int:
     if args.json:
         if tuning is not None:
             result["tuning"] = tuning
-        print(json.dumps(_finite(result), allow_nan=False))
+        print(json.dumps(json_ready(result), allow_nan=False))
     else:
         print(f"quadratic: n={exp.workers} d={exp.dim} horizon={exp.horizon:g} S={exp.heterogeneity:g} "
               f"seed={args.seed} target={args.target:g} x ||grad f(x0)||^2{_faults_text(exp)}   wall {wall:.1f} s")
@@ -246,17 +248,6 @@ def _print_grid(method: str, tuning: dict, seed: int) -> None:
     for lr in lrs:
         print(f"{lr:>10.3g}" + "".join(f"{'-' if cell[(lr, s)] is None else format(cell[(lr, s)], '.0f'):>9}" for s in sizes))
     print(f"chosen {method}: {tuning['best']}")
-
-
-def _finite(value):
-    """``value`` with every non-finite float (a diverged run, an unreached time) as ``None``: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _plot_curves(path, methods, traces, params, exp) -> None:
@@ -312,7 +303,7 @@ def _sweep(args, ex, exp, levels) -> int:
         fig.savefig(args.plot, dpi=120)
         plt.close(fig)
     if args.json:
-        print(json.dumps(_finite(out), allow_nan=False))
+        print(json.dumps(json_ready(out), allow_nan=False))
     else:
         print(f"sweep: n={exp.workers} d={exp.dim} target={exp.target:g} seed={args.seed}{_faults_text(exp)}")
         names = ("ringmaster",) + ex.BASELINES

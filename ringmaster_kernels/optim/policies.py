@@ -98,9 +98,10 @@ class Policy:
             - any :class:`~ringmaster_kernels.optim.update_rules.UpdateRule`.
         num_workers: number of workers the driver runs (``n``); needed by ``sync`` and
             ``delay_adaptive``, validated for all.
-        lr, norm, radius, momentum, nesterov, backend, fused: the built-in rule's
-            settings (see ``LMOMomentum``); ``lr`` is required for it.
         schedule: ``schedule(version, optimizer)`` hook of an optimizer rule.
+        **rule_options: the built-in rule's settings (``lr``, required, and ``norm``,
+            ``radius``, ``momentum``, ``nesterov``, ``backend``, ``fused``: see
+            ``LMOMomentum``).
     """
 
     name = "policy"
@@ -110,14 +111,8 @@ class Policy:
         params: Iterable[torch.Tensor] | Iterable[dict] | torch.optim.Optimizer | UpdateRule,
         *,
         num_workers: int,
-        lr: float | None = None,
-        norm: str | None = "spectral",
-        radius: float = 1.0,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        backend: str | None = "auto",
-        fused: bool = False,
         schedule: Schedule | None = None,
+        **rule_options: Any,
     ) -> None:
         self.num_workers = _check_int(num_workers, "num_workers")
         if isinstance(params, torch.optim.Optimizer):
@@ -125,14 +120,13 @@ class Policy:
         elif schedule is not None:
             raise ValueError("schedule applies to a torch.optim.Optimizer update rule; params is not one")
         if isinstance(params, UpdateRule):
-            if lr is not None:
-                raise ValueError("lr: the update rule owns its step sizes; set them there, not on the policy")
+            if rule_options:
+                raise ValueError(f"{sorted(rule_options)}: the update rule owns these; set them on it, not on the policy")
             self.rule = params
         else:
-            if lr is None:
+            if "lr" not in rule_options:
                 raise ValueError("lr is required for the built-in LMO-momentum rule")
-            self.rule = LMOMomentum(params, lr=lr, norm=norm, radius=radius, momentum=momentum,
-                                    nesterov=nesterov, backend=backend, fused=fused)
+            self.rule = LMOMomentum(params, **rule_options)
         self.params: list[torch.Tensor] = self.rule.params
         self.version = 0
         self.accepted = 0

@@ -120,3 +120,17 @@ def summary(server: "Server", *, method: str, wall: float, elapsed_total: float,
         "evals": history.evals,
         "faults": server.fault_log,
     }
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged run, an unreached time) as ``None``
+    and tensors as lists: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
+        return json_ready(value.tolist())
+    return value

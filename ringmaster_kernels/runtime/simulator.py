@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -98,19 +98,14 @@ class Trace:
         return np.histogram(self.delay[self.accepted], bins=bins)
 
 
-def simulate(
-    policy: Policy,
-    objective: Objective,
-    time_model: TimeModel,
-    *,
-    horizon: float,
-    seed: int = 0,
-    record_every: int = 1,
-    max_events: int | None = None,
-    stop_at: float | None = None,
-    progress: Callable[[float], None] | None = None,
-) -> Trace:
-    """Run ``policy`` on ``objective`` with workers timed by ``time_model`` until ``horizon``.
+def simulate(policy: Policy, objective: Objective, time_model: TimeModel, **options: Any) -> Trace:
+    """Run ``policy`` on ``objective`` with workers timed by ``time_model`` to the end:
+    ``Simulation(policy, objective, time_model, **options).run()`` (see :class:`Simulation`)."""
+    return Simulation(policy, objective, time_model, **options).run()
+
+
+class Simulation:
+    """One simulated run that can pause, be checkpointed and resume bit for bit.
 
     Args:
         policy: built on ``objective.initial_params()`` (or over the same tensors through
@@ -124,17 +119,7 @@ def simulate(
         stop_at: stop as soon as a measured metric is ``<= stop_at`` (``None``: never).
         progress: called with the current virtual time now and then (e.g. a tqdm update).
 
-    Returns:
-        A :class:`Trace`. :class:`Simulation` is the same run with pauses and checkpoints.
-    """
-    return Simulation(policy, objective, time_model, horizon=horizon, seed=seed, record_every=record_every,
-                      max_events=max_events, stop_at=stop_at, progress=progress).run()
-
-
-class Simulation:
-    """One simulated run that can pause, be checkpointed and resume bit for bit.
-
-    Same arguments as :func:`simulate`. :meth:`run` goes on until the horizon (or
+    :meth:`run` goes on until the horizon (or
     ``pause_after`` arrivals in total) and returns the :class:`Trace` so far;
     :meth:`state_dict` holds everything needed to continue (the policy and its update
     rule, the parameters, job times and versions, parameter snapshots, random streams,

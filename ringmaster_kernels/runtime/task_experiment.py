@@ -260,18 +260,3 @@ def plot(summaries: dict[str, dict], path: str, title: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def json_ready(summaries: dict[str, dict]) -> dict:
-    """Non-finite floats as None (strict JSON)."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float):
-            return x if math.isfinite(x) else None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        if isinstance(x, torch.Tensor):
-            return x.tolist()
-        return x
-    return clean(summaries)

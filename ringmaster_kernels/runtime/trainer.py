@@ -236,14 +236,10 @@ class AsyncTrainer:
         if self._ran:
             raise RuntimeError("AsyncTrainer.run may be called once; build a new trainer (resume from its checkpoint)")
         self._ran = True
-        on_update = None
-        if self.checkpoint_every:
-            def on_update(version: int) -> None:
-                if version % self.checkpoint_every == 0:
-                    self.save_checkpoint()
         server = self.server = Server(
             self.policy, self.master, self.layout, self.rule_order, self.workers, num_slots=self.num_slots,
-            hang_timeout=self.hang_timeout, history=self.history, now=self._now, on_update=on_update, log=self.log)
+            hang_timeout=self.hang_timeout, history=self.history, now=self._now,
+            on_update=self._on_update if self.checkpoint_every else None, log=self.log)
         if self._stop_reason:
             server.request_stop(self._stop_reason)
         server_error: list[BaseException] = []
@@ -292,6 +288,10 @@ class AsyncTrainer:
 
     def _now(self) -> float:
         return self._elapsed_before + time.monotonic() - self._start
+
+    def _on_update(self, version: int) -> None:
+        if version % self.checkpoint_every == 0:
+            self.save_checkpoint()
 
     def _monitor(self, done: threading.Event) -> None:
         """Main thread: progress lines, periodic evaluation, Ctrl-C and SIGTERM (torchrun's
