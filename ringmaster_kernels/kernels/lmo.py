@@ -32,7 +32,6 @@ non-deterministic at the 1e-7 level).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -41,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
+from .launches import device_guard, launch
 
 if TYPE_CHECKING:  # a hint only: the kernels read a catalogue entry, never the catalogue
     from ..catalogue import Norm
@@ -245,24 +245,20 @@ class _Launch:
     def stats_pass(self, reduce: int, *, momentum: bool, nesterov: bool, beta: float, write_u: bool) -> None:
         if reduce == 0 and not (momentum or write_u):
             return
-        with self._on_device():
-            _stats_kernel[(self.tiles.shape[0],)](
-                self.tiles, self.itab, self.stats, beta, self.g0, self.m0, self.u0,
-                BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
-            )
+        launch(
+            _stats_kernel, (self.tiles.shape[0],), self.device,
+            self.tiles, self.itab, self.stats, beta, self.g0, self.m0, self.u0,
+            BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
+        )
 
     def update_pass(self, reduce: int, source: int, *, nesterov: bool, beta: float, coef: float,
                     decay: float, sign: bool, has_x: bool) -> None:
-        with self._on_device():
-            _update_kernel[(self.tiles.shape[0],)](
-                self.tiles, self.itab, self.ftab, self.stats, beta, coef, decay,
-                self.x0, self.g0, self.m0, self.u0,
-                BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
-            )
-
-    def _on_device(self):
-        # raw addresses carry no device: launch on the tensors' GPU, not the current one
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        launch(
+            _update_kernel, (self.tiles.shape[0],), self.device,
+            self.tiles, self.itab, self.ftab, self.stats, beta, coef, decay,
+            self.x0, self.g0, self.m0, self.u0,
+            BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
+        )
 
 
 def _addr(t: torch.Tensor | None) -> int:
@@ -281,10 +277,10 @@ def lmo(G: torch.Tensor, spec: Norm, radius: float, out: torch.Tensor | None = N
         out = torch.empty_like(G)
     if G.numel() == 0:
         return out
-    launch = _Launch(spec, "none", [out], [G], [None], [None])
+    job = _Launch(spec, "none", [out], [G], [None], [None])
     reduce = _REDUCE[spec.mode]
-    launch.stats_pass(reduce, momentum=False, nesterov=False, beta=0.0, write_u=False)
-    launch.update_pass(reduce, SRC_G, nesterov=False, beta=0.0, coef=-radius, decay=0.0,
+    job.stats_pass(reduce, momentum=False, nesterov=False, beta=0.0, write_u=False)
+    job.update_pass(reduce, SRC_G, nesterov=False, beta=0.0, coef=-radius, decay=0.0,
                        sign=spec.mode == "sign", has_x=False)
     return out
 
@@ -331,13 +327,15 @@ def lmo_step_(
                 buffers.append(buf)
                 for slot, j in enumerate(js):
                     us[j] = buf[slot]
-        launch = _Launch(spec, scale, xs, gs, ms, us)
+        job = _Launch(spec, scale, xs, gs, ms, us)
         if spec.mode == "sign":
             source = SRC_MOMENTUM
         else:
-            launch.stats_pass(reduce, momentum=True, nesterov=nesterov, beta=beta, write_u=bool(buffers))
+            job.stats_pass(reduce, momentum=True, nesterov=nesterov, beta=beta, write_u=bool(buffers))
             source = SRC_DIRECTION if buffers else SRC_STATE
         for buf in buffers:
-            direction(buf)
-        launch.update_pass(reduce, source, nesterov=nesterov, beta=beta, coef=-lr * radius,
+            # a direction may launch kernels of its own (Newton–Schulz): on the buffer's GPU
+            with device_guard(buf.device):
+                direction(buf)
+        job.update_pass(reduce, source, nesterov=nesterov, beta=beta, coef=-lr * radius,
                            decay=decay, sign=spec.mode == "sign", has_x=True)

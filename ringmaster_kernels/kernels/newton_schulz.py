@@ -25,6 +25,7 @@ import triton.language as tl
 from .. import reference
 from ..backend import interpreting
 from ..coefficients import Coefficients, schedule
+from .launches import launch
 
 # CUDA caps grid axis 1 at 65535; larger batches are launched in chunks of views.
 _MAX_GRID_Y = 65535
@@ -262,8 +263,8 @@ def syrk(
         p, o, yy = P[part], out[part], y[part]
         scale = in_scale[part] if in_scale is not None else o
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK"]) * (triton.cdiv(M, meta["BLOCK"]) + 1) // 2, p.shape[0])
-        _syrk_kernel[grid](
-            p, yy, o, scale,
+        launch(
+            _syrk_kernel, grid, out.device, p, yy, o, scale,
             M, K, p.shape[0],
             *p.stride(), *yy.stride(), *o.stride(),
             float(alpha), float(beta),
@@ -298,8 +299,8 @@ def update(
         b, x, o = Bm[part], X[part], out[part]
         scale = in_scale[part] if in_scale is not None else o
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), x.shape[0])
-        _update_kernel[grid](
-            b, x, o, scale,
+        launch(
+            _update_kernel, grid, out.device, b, x, o, scale,
             M, N, x.shape[0],
             *b.stride(), *x.stride(), *o.stride(),
             float(a), float(out_scale), float(beta),
