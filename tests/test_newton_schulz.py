@@ -350,3 +350,11 @@ def test_kernels_compile_for_h100_in_bf16():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for kernel in json.loads(proc.stdout.strip().splitlines()[-1]):
         assert kernel["cubin_bytes"] > 0 and kernel["shared"] <= 228 * 1024
+
+
+def test_fp16_iteration_of_an_input_beyond_fp16_range():
+    # 1e6 overflows fp16 (max 65504): the normalization must come before the cast
+    G = _randn(2, 20, 36) * 1e6
+    got = _kernel(G, compute_dtype=torch.float16)
+    assert torch.isfinite(got).all()
+    _close(got, _twin(G, compute_dtype=torch.float16), torch.float16)
