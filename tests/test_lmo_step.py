@@ -71,6 +71,38 @@ def test_kernel_matches_twin_on_mixed_list(name, nesterov, tiles, kernel_device)
         torch.testing.assert_close(x, x_ref, rtol=tol, atol=tol)
 
 
+@pytest.fixture
+def aligned_flags(monkeypatch):
+    """The ALIGNED constexpr of every LMO-kernel launch, in order."""
+    flags = []
+    launch = lmo_kernels.launch
+
+    def spy(kernel, grid, device, *args, **kwargs):
+        flags.append(kwargs["ALIGNED"])
+        launch(kernel, grid, device, *args, **kwargs)
+
+    monkeypatch.setattr(lmo_kernels, "launch", spy)
+    return flags
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "pointer-off-by-one"])
+@pytest.mark.parametrize("name", ["sign", "l2", "rownorm", "colnorm", "bias_rms"])
+def test_aligned_variant_matches_twin(name, offset, tiles, kernel_device, aligned_flags):
+    # rows of 8k elements and 16-byte aligned storage: the vector-load variant; one
+    # element into a buffer breaks the pointer's alignment and must fall back
+    shapes = [(16, 24), (2, 8, 32)] if name != "bias_rms" else [(24,), (3, 16)]
+    xs, gs, ms = _state(shapes, kernel_device, seed=4)
+    gs = [torch.cat([torch.zeros(offset, device=kernel_device), g.flatten()])[offset:].view(g.shape) for g in gs]
+    xr, mr = _clone(xs), _clone(ms)
+    ops.lmo_step_(xs, gs, ms, norm=name, nesterov=True, backend="triton", **HYPER)
+    ops.lmo_step_(xr, gs, mr, norm=name, nesterov=True, backend="torch", **HYPER)
+    # the tiny tiles are 4 columns wide: tile starts are not multiples of 8, no vector loads
+    assert aligned_flags and set(aligned_flags) == {offset == 0 and tiles == "default"}
+    for x, m, x_ref, m_ref in zip(xs, ms, xr, mr):
+        torch.testing.assert_close(m, m_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x, x_ref, rtol=2e-5, atol=2e-5)
+
+
 _ELEMENTWISE = [n for n in norms.KNOWN if norms.get(n).mode != "direction"]
 _shape = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
 
