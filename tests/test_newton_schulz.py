@@ -303,55 +303,6 @@ def test_autotune_prune_keeps_tiles_that_fit_the_shape():
     assert [c.kwargs["BLOCK"] for c in ns._prune(configs, {"M": 20})] == [64]  # none fits: the smallest
 
 
-# Run in a fresh interpreter: `triton.jit` decides at import whether it interprets.
-_AOT_SCRIPT = r"""
-import json, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from ringmaster_kernels.kernels import newton_schulz as ns
-
-def compile_sm90(kernel, pointers, floats, constexprs):
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn  # unwrap the autotuner
-    config = kernel.configs[0]
-    constexprs = {**constexprs, **config.kwargs}
-    signature = {name: "i32" for name in fn.arg_names}
-    signature.update(pointers)
-    signature.update({name: "fp32" for name in floats})
-    signature.update({name: "constexpr" for name in constexprs})
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    return {"cubin_bytes": len(compiled.asm["cubin"]), "shared": compiled.metadata.shared}
-
-common = dict(COMPUTE=tl.bfloat16, ACC=tl.float32, PRECISION="ieee")
-print(json.dumps([
-    compile_sm90(ns._syrk_kernel, dict(P="*bf16", Y="*bf16", Out="*bf16", in_scale="*fp32"),
-                 ("alpha", "beta"), dict(HAS_Y=True, HAS_SCALE=True, **common)),
-    compile_sm90(ns._update_kernel, dict(Bm="*bf16", X="*bf16", Out="*bf16", in_scale="*fp32"),
-                 ("a", "out_scale", "beta"), dict(HAS_SCALE=True, HAS_BETA=True, **common)),
-]))
-"""
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the CUDA tests run these kernels for real")
-def test_kernels_compile_for_h100_in_bf16():
-    """Lower both kernels, every optional branch on, to an sm_90 cubin with Triton's
-    bundled ptxas: catches what the interpreter cannot (layouts, bf16 tl.dot, shared
-    memory) on a CPU-only machine."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("Triton's bundled ptxas is missing here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for kernel in json.loads(proc.stdout.strip().splitlines()[-1]):
-        assert kernel["cubin_bytes"] > 0 and kernel["shared"] <= 228 * 1024
-
-
 def test_fp16_iteration_of_an_input_beyond_fp16_range():
     # 1e6 overflows fp16 (max 65504): the normalization must come before the cast
     G = _randn(2, 20, 36) * 1e6

@@ -21,6 +21,7 @@ binder and ``triton.compile``; then read:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -74,20 +75,23 @@ def _record_launches(families: list[str], dtypes: list, fast: bool) -> list[tupl
                     ns.orthogonalize(G, steps=1 if fast else 3, out=torch.empty_like(G), compute_dtype=compute,
                                      scale=-0.1, beta=0.9)
         if "lmo" in families:
-            shapes = [(768, 768), (768, 3072)] if fast else [(768, 768), (3072, 768), (768, 3072), (65536, 768)]
-            norms = ["sign", "l2", "colnorm"] if fast else ["sign", "l2", "rownorm", "colnorm", "spectral", "l1"]
-            for dtype in dtypes:
-                for name in norms:
-                    spec = catalogue.get(name)
-                    recorder.context = {"shape": "nanochat", "dtype": str(dtype).replace("torch.", ""), "norm": name}
-                    xs = [torch.empty(s, dtype=dtype) for s in shapes]
-                    for nesterov in (False, True):
-                        lmo_kernels.lmo_step_(xs, [torch.empty_like(x) for x in xs],
-                                              [torch.empty(x.shape, dtype=torch.float32) for x in xs], spec,
-                                              lr=0.01, beta=0.9, nesterov=nesterov, weight_decay=0.1, radius=1.0,
-                                              direction=lambda buf: None)
-                    if spec.mode != "direction":
-                        lmo_kernels.lmo(xs[0], spec, 1.0)
+            # NanoChat lists (every row a multiple of 8: the ALIGNED variants); the full run
+            # adds a ragged list for the unaligned ones
+            lists = {"nanochat": [(768, 768), (768, 3072)]}
+            if not fast:
+                lists = {"nanochat": [(768, 768), (3072, 768), (768, 3072), (65536, 768)], "ragged": [(33, 17), (5, 7)]}
+            norms = ["sign", "l2", "colnorm", "spectral"] if fast else ["sign", "l2", "rownorm", "colnorm", "spectral", "l1"]
+            for (label, shapes), dtype, name in itertools.product(lists.items(), dtypes, norms):
+                spec = catalogue.get(name)
+                recorder.context = {"shape": label, "dtype": str(dtype).replace("torch.", ""), "norm": name}
+                xs = [torch.empty(s, dtype=dtype) for s in shapes]
+                for nesterov in (False, True):
+                    lmo_kernels.lmo_step_(xs, [torch.empty_like(x) for x in xs],
+                                          [torch.empty(x.shape, dtype=torch.float32) for x in xs], spec,
+                                          lr=0.01, beta=0.9, nesterov=nesterov, weight_decay=0.1, radius=1.0,
+                                          direction=lambda buf: None)
+                if spec.mode != "direction":
+                    lmo_kernels.lmo(xs[0], spec, 1.0)
     finally:
         ns.launch, lmo_kernels.launch = saved
     return recorder.calls
@@ -99,7 +103,7 @@ def _config_label(config) -> str:
     return " ".join(parts + [f"w{config.num_warps}", f"s{config.num_stages}"])
 
 
-_FLAGS = ("HAS_Y", "HAS_SCALE", "HAS_BETA", "MOMENTUM", "NESTEROV", "WRITE_U", "REDUCE", "SOURCE", "SIGN", "HAS_X",
+_FLAGS = ("HAS_Y", "HAS_SCALE", "SCALE_ON_LOAD", "HAS_BETA", "MOMENTUM", "NESTEROV", "WRITE_U", "REDUCE", "SOURCE", "SIGN", "HAS_X",
           "ALIGNED")
 
 
