@@ -1,4 +1,4 @@
-"""The ``ringmaster`` command: ``bench {queue,ns,lmo,optim} | simulate | train``.
+"""The ``ringmaster`` command: ``bench {queue,ns,lmo,optim} | simulate | train | inspect sm90``.
 
 Each subcommand lives in ``ringmaster_kernels/commands/<name>.py`` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; modules import lazily so that
@@ -18,6 +18,7 @@ COMMANDS = [
     (("bench", "optim"), "bench_optim", "one optimizer step: ours vs torch.optim.Muon vs compiled twin"),
     (("simulate",), "simulate", "virtual-time simulation of heterogeneous async workers"),
     (("train",), "train", "train a small byte-level GPT with async workers"),
+    (("inspect",), "inspect_sm90", "compile every kernel variant x config for a GPU and read its machine code"),
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ringmaster_kernels.cli import main
-from ringmaster_kernels.commands.bench_optim import hidden_shapes
+from ringmaster_kernels.commands.bench_optim import hidden_shapes, launch_counts
 
 
 def test_nanochat_like_shapes():
@@ -39,3 +39,19 @@ def test_bench_optim_json(capsys, keep_threads):
     assert 1e-3 < near["torch_muon"] < 0.05
     assert near["ours"] == pytest.approx(near["torch_muon"], rel=0.5)
     assert near["ours_fp32_ns"] < 1e-4
+    # auto on a CPU is the twin: no Triton launch, torch ops only
+    assert tiny["launches"]["step"]["triton"] == 0 and tiny["launches"]["step"]["torch"] > 0
+
+
+def test_launch_counts_per_step_and_shape_group():
+    # three shape groups, NanoChat's pattern at a size the interpreter runs fast
+    shapes = [(16, 16)] * 4 + [(32, 16), (16, 32)]
+    launches = launch_counts(shapes, "cpu", torch.float32, backend="triton")
+    groups = launches["per_shape_group"]
+    assert set(groups) == {"16x16", "32x16", "16x32"}
+    # per group: momentum pass, 5 Newton–Schulz steps of 3 launches, update pass
+    for counts in groups.values():
+        assert counts["triton_by_kernel"] == {"_stats_kernel": 1, "_syrk_kernel": 10, "_update_kernel": 6}
+    # one list: the two elementwise passes cover every group, Newton–Schulz runs per group
+    assert launches["step"]["triton_by_kernel"] == {"_stats_kernel": 1, "_syrk_kernel": 30, "_update_kernel": 16}
+    assert launches["step"]["torch"] > 0

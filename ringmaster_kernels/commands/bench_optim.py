@@ -12,6 +12,11 @@ same matrices:
 - ``compiled_twin``: ``torch.compile`` of the plain-torch twin ``reference.lmo_step_``
   (bf16 Newton–Schulz).
 
+``launches`` counts what one step of ``ours`` launches (after a warm-up step), for the
+whole list and for each shape group alone: Triton kernels by name and torch operators
+that run a kernel (``kernels.launches.count_launches``; with ``--backend triton`` and
+``TRITON_INTERPRET=1`` it counts the Triton path on a CPU too).
+
 One more row is not the same math: ``ours_fp32_ns``, Gluon iterating in fp32 (the CPU
 default; on CUDA the default is bf16, i.e. ``ours``).
 
@@ -48,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contestant")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 avoids OpenMP spin-waits on a loaded machine)")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
+                        help="backend of the 'ours' rows and of the launch count (triton on a CPU runs the "
+                             "interpreter: slow, and its bf16 tl.dot is wrong, so only the counts mean anything)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -76,12 +84,12 @@ def _gluon(shapes, device, dtype, ns_dtype, backend="auto"):
                  norm_options={"scale": "muon"}, backend=backend)
 
 
-def _optimizers(shapes, device, dtype):
+def _optimizers(shapes, device, dtype, backend="auto"):
     """name -> make(): a fresh optimizer over fresh ``_tensors``, for the optimizer rows."""
     import torch
 
     def gluon(ns_dtype):
-        return lambda: _gluon(shapes, device, dtype, ns_dtype)
+        return lambda: _gluon(shapes, device, dtype, ns_dtype, backend)
 
     def torch_muon():
         return torch.optim.Muon(_tensors(shapes, device, dtype), lr=HYPER["lr"], momentum=HYPER["momentum"],
@@ -90,13 +98,13 @@ def _optimizers(shapes, device, dtype):
     return {"ours": gluon(torch.bfloat16), "torch_muon": torch_muon, "ours_fp32_ns": gluon(torch.float32)}
 
 
-def _contestants(shapes, device, dtype, compile_twin: bool):
+def _contestants(shapes, device, dtype, compile_twin: bool, backend="auto"):
     """name -> (make, step): ``make()`` builds fresh params/grads/state, ``step(obj)`` runs one step."""
     import torch
 
     from .. import reference
 
-    out = {name: (make, lambda opt: opt.step()) for name, make in _optimizers(shapes, device, dtype).items()}
+    out = {name: (make, lambda opt: opt.step()) for name, make in _optimizers(shapes, device, dtype, backend).items()}
     if compile_twin:
         def twin(params, grads, momenta):
             reference.lmo_step_(params, grads, momenta, norm="spectral", lr=HYPER["lr"], beta=HYPER["momentum"],
@@ -114,6 +122,26 @@ def _contestants(shapes, device, dtype, compile_twin: bool):
     return out
 
 
+def launch_counts(shapes, device, dtype, backend: str = "auto") -> dict:
+    """Launches of one warm step of ``ours``: ``{"step": ..., "per_shape_group": {"RxC": ...}}``.
+
+    Each entry is ``count_launches().summary()``. The iteration dtype is the device's
+    default: what is launched does not depend on it.
+    """
+    from ..kernels.launches import count_launches
+
+    def one_step(subset):
+        opt = _gluon(subset, device, dtype, None, backend)
+        opt.step()  # the first step allocates state and autotunes
+        with count_launches() as counts:
+            opt.step()
+        return counts.summary()
+
+    groups = sorted(set(shapes))
+    return {"step": one_step(shapes),
+            "per_shape_group": {f"{r}x{c}": one_step([s for s in shapes if s == (r, c)]) for r, c in groups}}
+
+
 def _first_update(opt) -> torch.Tensor:
     """One step's update of every parameter, flattened, in fp64 on the CPU."""
     import torch
@@ -124,14 +152,14 @@ def _first_update(opt) -> torch.Tensor:
     return torch.cat([(p.detach().double().cpu() - b).flatten() for p, b in zip(params, before)])
 
 
-def _agreement(shapes, device, dtype) -> dict[str, float]:
+def _agreement(shapes, device, dtype, backend="auto") -> dict[str, float]:
     """Relative distance of each optimizer row's first update from the float64 one (the CPU
     twin iterating in fp64): rows doing the same math land at the same distance."""
     import torch
 
     exact = _first_update(_gluon(shapes, "cpu", torch.float64, torch.float64, backend="torch"))
     return {name: float((_first_update(make()) - exact).norm() / exact.norm())
-            for name, make in _optimizers(shapes, device, dtype).items()}
+            for name, make in _optimizers(shapes, device, dtype, backend).items()}
 
 
 def _measure(make, step, device, warmup, repeats):
@@ -173,6 +201,10 @@ def _table(result: dict) -> str:
             lines.append(f"    {name:28s} {ratio:6.2f}x")
         for name, rel in r["agreement"].items():
             lines.append(f"    {name + ' vs float64':28s} {rel:.2e} relative")
+        launches = r["launches"]
+        lines.append(f"    launches per step: {launches['step']['triton']} Triton, {launches['step']['torch']} torch ops")
+        for group, c in launches["per_shape_group"].items():
+            lines.append(f"      {group:>12s}: {c['triton']} Triton, {c['torch']} torch ops")
     return "\n".join(lines)
 
 
@@ -192,11 +224,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--device cuda asked for, but CUDA is not available")
     dtype = getattr(torch, args.dtype)
     models = args.model or (["d12", "d20"] if torch.device(device).type == "cuda" else ["small"])
-    result = {"machine": machine_info(), "device": device, "dtype": args.dtype, "hyper": HYPER,
+    result = {"machine": machine_info(), "device": device, "dtype": args.dtype, "backend": args.backend, "hyper": HYPER,
               "threads": torch.get_num_threads(), "rounds": args.rounds, "models": {}}
     for model in models:
         shapes = hidden_shapes(*MODELS[model])
-        contestants = _contestants(shapes, device, dtype, not args.no_compile)
+        contestants = _contestants(shapes, device, dtype, not args.no_compile, args.backend)
         rounds = [{name: _measure(make, step, device, args.warmup, args.repeats)
                    for name, (make, step) in contestants.items()} for _ in range(args.rounds)]
         times = {name: _combine([r[name] for r in rounds]) for name in contestants}
@@ -206,13 +238,13 @@ def run(args: argparse.Namespace) -> int:
             for base, mine in pairs if "median_s" in times[base] and "median_s" in times[mine]
         }
         try:
-            agreement = _agreement(shapes, device, dtype)
+            agreement = _agreement(shapes, device, dtype, args.backend)
         except torch.OutOfMemoryError:
             agreement = {}
         result["models"][model] = {
             "depth_width": MODELS[model], "matrices": len(shapes),
             "parameters": sum(r * c for r, c in shapes), "times": times, "ratios": ratios,
-            "agreement": agreement,
+            "agreement": agreement, "launches": launch_counts(shapes, device, dtype, args.backend),
         }
     emit(result, args.json, _table)
     return 0

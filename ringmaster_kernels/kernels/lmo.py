@@ -22,7 +22,10 @@ stay where the model and optimizer put them, so there is no gather/scatter copy
 (which would double the traffic of a memory-bound op). Both real CUDA and the
 ``TRITON_INTERPRET=1`` interpreter (which dereferences host addresses of CPU tensors)
 run it. The tile table and layout fields depend on shapes only and are cached; the small
-address table is rebuilt each call (gradients may be new tensors every step).
+address table is rebuilt each call (gradients may be new tensors every step). Addresses
+carry no alignment facts, so when every row length is a multiple of 8 and every pointer
+16-byte aligned (the usual case) the kernels are launched with ALIGNED, which states
+both to the compiler: loads and stores become 128-bit (``ringmaster inspect sm90``).
 
 Reductions: "rows" groups sum every row into its group ``row // RG`` (RG = 1 per row,
 RG = m per matrix for the Frobenius norm); "cols" sums a tile's rows per column, with
@@ -32,7 +35,6 @@ non-deterministic at the 1e-7 level).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -41,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
+from .launches import device_guard, launch
 
 if TYPE_CHECKING:  # a hint only: the kernels read a catalogue entry, never the catalogue
     from ..catalogue import Norm
@@ -58,7 +61,7 @@ SRC_G, SRC_MOMENTUM, SRC_STATE, SRC_DIRECTION = 0, 1, 2, 3
 
 
 @triton.jit
-def _tile(tiles, itab, BR: tl.constexpr, BC: tl.constexpr):
+def _tile(tiles, itab, BR: tl.constexpr, BC: tl.constexpr, ALIGNED: tl.constexpr):
     """Indices and mask of this program's tile and its tensor's table row."""
     pid = tl.program_id(0)
     t = tl.load(tiles + pid * 4)
@@ -67,6 +70,11 @@ def _tile(tiles, itab, BR: tl.constexpr, BC: tl.constexpr):
     r_end = tl.load(tiles + pid * 4 + 3)
     row = itab + t * 8  # 8 int64 fields: x, g, m, u, C, H, RG, stats base
     C = tl.load(row + 4)
+    if ALIGNED:
+        # facts the compiler cannot see through the tables: with them a row's runs of 8
+        # elements are 16-byte aligned and equally masked, so loads become 128-bit
+        C = tl.multiple_of(C, 8)
+        c0 = tl.multiple_of(c0, 8)
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
     row_ok = rows < r_end
@@ -74,6 +82,15 @@ def _tile(tiles, itab, BR: tl.constexpr, BC: tl.constexpr):
     offs = rows[:, None] * C + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     return t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask
+
+
+@triton.jit
+def _pointer(row, field: tl.constexpr, like, ALIGNED: tl.constexpr):
+    """Field ``field`` of a table row as a pointer typed like ``like``."""
+    ptr = tl.load(row + field).to(like.dtype, bitcast=True)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -96,16 +113,17 @@ def _stats_kernel(
     tiles, itab, stats, beta, G0, M0, U0,
     BR: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, REDUCE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC)
-    g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
+    t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC, ALIGNED)
+    g_ptr = _pointer(row, 1, G0, ALIGNED)
     if MOMENTUM:
-        m_ptr = tl.load(row + 2).to(M0.dtype, bitcast=True)
+        m_ptr = _pointer(row, 2, M0, ALIGNED)
         u = _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV, True)
     else:
         u = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if WRITE_U:
-        u_ptr = tl.load(row + 3).to(U0.dtype, bitcast=True)
+        u_ptr = _pointer(row, 3, U0, ALIGNED)
         tl.store(u_ptr + offs, u.to(U0.dtype.element_ty), mask=mask)
     sbase = tl.load(row + 7)
     if REDUCE == 1:
@@ -128,24 +146,24 @@ def _update_kernel(
     tiles, itab, ftab, stats, beta, coef, decay, X0, G0, M0, U0,
     BR: tl.constexpr, BC: tl.constexpr,
     SOURCE: tl.constexpr, NESTEROV: tl.constexpr, REDUCE: tl.constexpr,
-    SIGN: tl.constexpr, HAS_X: tl.constexpr,
+    SIGN: tl.constexpr, HAS_X: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC)
+    t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC, ALIGNED)
     if SOURCE == 0:
-        g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
+        g_ptr = _pointer(row, 1, G0, ALIGNED)
         u = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SOURCE == 1:
-        g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
-        m_ptr = tl.load(row + 2).to(M0.dtype, bitcast=True)
+        g_ptr = _pointer(row, 1, G0, ALIGNED)
+        m_ptr = _pointer(row, 2, M0, ALIGNED)
         u = _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV, True)
     if SOURCE == 2:
-        m_ptr = tl.load(row + 2).to(M0.dtype, bitcast=True)
+        m_ptr = _pointer(row, 2, M0, ALIGNED)
         u = tl.load(m_ptr + offs, mask=mask, other=0.0)
         if NESTEROV:
-            g_ptr = tl.load(row + 1).to(G0.dtype, bitcast=True)
+            g_ptr = _pointer(row, 1, G0, ALIGNED)
             u = beta * u + (1.0 - beta) * tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SOURCE == 3:
-        u_ptr = tl.load(row + 3).to(U0.dtype, bitcast=True)
+        u_ptr = _pointer(row, 3, U0, ALIGNED)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SIGN:
         # 0 -> 0 and NaN -> NaN, like reference._sign
@@ -161,7 +179,7 @@ def _update_kernel(
         h = tl.load(row + 5)
         s = tl.load(stats + sbase + (r0 // h) * C + cols, mask=col_ok, other=1.0)
         step = step * tl.where(s == 0, 0.0, 1.0 / tl.sqrt(s))[None, :]
-    x_ptr = tl.load(row).to(X0.dtype, bitcast=True)
+    x_ptr = _pointer(row, 0, X0, ALIGNED)
     if HAS_X:
         step = decay * tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + step
     tl.store(x_ptr + offs, step.to(X0.dtype.element_ty), mask=mask)
@@ -211,6 +229,8 @@ class _Plan:
             columns.append([C, H, RG, sbase])
             sbase += n_stats
         self.columns = torch.tensor(columns, dtype=torch.int64)  # table fields 4..7, on the host
+        # tiles then start on multiples of 8 columns too (the kernels' ALIGNED claims it)
+        self.aligned = self.bc % 8 == 0 and all(C % 8 == 0 for _, C, _, _, _ in layouts)
         self.ftab = torch.tensor([spec.factor(r, c, scale) for r, c in units], dtype=torch.float32).to(device)
         self.n_stats = sbase
 
@@ -233,8 +253,10 @@ class _Launch:
         tile = _TILE_INTERPRET if interpreting() else _TILE
         plan = _plan(spec, scale, tuple(x.shape for x in xs), device, tile, _MAX_BC)
         self.br, self.bc, self.tiles, self.ftab = plan.br, plan.bc, plan.tiles, plan.ftab
-        addresses = torch.tensor([[_addr(x), _addr(g), _addr(m), _addr(u)] for x, g, m, u in zip(xs, gs, ms, us)],
-                                 dtype=torch.int64)
+        rows = [[_addr(x), _addr(g), _addr(m), _addr(u)] for x, g, m, u in zip(xs, gs, ms, us)]
+        # the kernels' ALIGNED variant: every row length % 8 == 0, every pointer 16-byte aligned
+        self.aligned = plan.aligned and all(a % 16 == 0 for r in rows for a in r)
+        addresses = torch.tensor(rows, dtype=torch.int64)
         self.itab = torch.cat([addresses, plan.columns], dim=1).to(device, non_blocking=True)
         self.stats = torch.zeros(max(plan.n_stats, 1), dtype=torch.float32, device=device)
         # typed placeholders: kernels take pointer types from these
@@ -245,24 +267,22 @@ class _Launch:
     def stats_pass(self, reduce: int, *, momentum: bool, nesterov: bool, beta: float, write_u: bool) -> None:
         if reduce == 0 and not (momentum or write_u):
             return
-        with self._on_device():
-            _stats_kernel[(self.tiles.shape[0],)](
-                self.tiles, self.itab, self.stats, beta, self.g0, self.m0, self.u0,
-                BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
-            )
+        launch(
+            _stats_kernel, (self.tiles.shape[0],), self.device,
+            self.tiles, self.itab, self.stats, beta, self.g0, self.m0, self.u0,
+            BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
+            ALIGNED=self.aligned,
+        )
 
     def update_pass(self, reduce: int, source: int, *, nesterov: bool, beta: float, coef: float,
                     decay: float, sign: bool, has_x: bool) -> None:
-        with self._on_device():
-            _update_kernel[(self.tiles.shape[0],)](
-                self.tiles, self.itab, self.ftab, self.stats, beta, coef, decay,
-                self.x0, self.g0, self.m0, self.u0,
-                BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
-            )
-
-    def _on_device(self):
-        # raw addresses carry no device: launch on the tensors' GPU, not the current one
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        launch(
+            _update_kernel, (self.tiles.shape[0],), self.device,
+            self.tiles, self.itab, self.ftab, self.stats, beta, coef, decay,
+            self.x0, self.g0, self.m0, self.u0,
+            BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
+            ALIGNED=self.aligned,
+        )
 
 
 def _addr(t: torch.Tensor | None) -> int:
@@ -281,10 +301,10 @@ def lmo(G: torch.Tensor, spec: Norm, radius: float, out: torch.Tensor | None = N
         out = torch.empty_like(G)
     if G.numel() == 0:
         return out
-    launch = _Launch(spec, "none", [out], [G], [None], [None])
+    job = _Launch(spec, "none", [out], [G], [None], [None])
     reduce = _REDUCE[spec.mode]
-    launch.stats_pass(reduce, momentum=False, nesterov=False, beta=0.0, write_u=False)
-    launch.update_pass(reduce, SRC_G, nesterov=False, beta=0.0, coef=-radius, decay=0.0,
+    job.stats_pass(reduce, momentum=False, nesterov=False, beta=0.0, write_u=False)
+    job.update_pass(reduce, SRC_G, nesterov=False, beta=0.0, coef=-radius, decay=0.0,
                        sign=spec.mode == "sign", has_x=False)
     return out
 
@@ -331,13 +351,15 @@ def lmo_step_(
                 buffers.append(buf)
                 for slot, j in enumerate(js):
                     us[j] = buf[slot]
-        launch = _Launch(spec, scale, xs, gs, ms, us)
+        job = _Launch(spec, scale, xs, gs, ms, us)
         if spec.mode == "sign":
             source = SRC_MOMENTUM
         else:
-            launch.stats_pass(reduce, momentum=True, nesterov=nesterov, beta=beta, write_u=bool(buffers))
+            job.stats_pass(reduce, momentum=True, nesterov=nesterov, beta=beta, write_u=bool(buffers))
             source = SRC_DIRECTION if buffers else SRC_STATE
         for buf in buffers:
-            direction(buf)
-        launch.update_pass(reduce, source, nesterov=nesterov, beta=beta, coef=-lr * radius,
+            # a direction may launch kernels of its own (Newton–Schulz): on the buffer's GPU
+            with device_guard(buf.device):
+                direction(buf)
+        job.update_pass(reduce, source, nesterov=nesterov, beta=beta, coef=-lr * radius,
                            decay=decay, sign=spec.mode == "sign", has_x=True)

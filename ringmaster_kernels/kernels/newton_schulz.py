@@ -12,9 +12,12 @@ One iteration ``X <- a X + (b A + c A A) X`` with ``A = X X^T`` is three launche
 
 Every kernel takes the batch as grid axis 1, computes offsets in int64, masks ragged
 edges and accepts any strides. Tall matrices (m > n) are iterated on their transposed
-*view* (strides swapped), so no transpose copy is made; the Frobenius normalization is
-folded into the first iteration's loads (fp32 multiply, then cast to the compute dtype),
-so it is never a separate elementwise pass either.
+*view* (strides swapped), so no transpose copy is made. The Frobenius normalization is
+folded into the first iteration's epilogues (``s^2`` on X X^T, ``s`` on the update), so
+it is never a separate elementwise pass and the k loops stay plain loads the compiler
+pipelines (async copies, an MMA in flight; see ``ringmaster inspect sm90``). An fp16
+iteration on a wider input scales on load instead (unscaled values could overflow fp16),
+and so does fp64, to round like its twin.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import triton.language as tl
 from .. import reference
 from ..backend import interpreting
 from ..coefficients import Coefficients, schedule
+from .launches import launch
 
 # CUDA caps grid axis 1 at 65535; larger batches are launched in chunks of views.
 _MAX_GRID_Y = 65535
@@ -44,13 +48,15 @@ def _syrk_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK": 16, "BLOCK_K": 16}, num_warps=1)]
     return [
         triton.Config({"BLOCK": b, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        # sm_90 machine code of each (ringmaster inspect sm90): none spills in bf16/fp16.
+        # Left out for spilling: a 256 tile on 8 warps (1.3-1.5 KB of stack) and 128x64
+        # on 4 warps, 3 stages (16 B of stack with the b A addend)
         for b, k, w, s in (
             (64, 64, 4, 4),
             (64, 32, 4, 5),
             (128, 32, 4, 4),
             (128, 64, 8, 3),
-            (128, 64, 4, 3),
-            (256, 32, 8, 3),
+            (128, 64, 8, 4),
         )
     ]
 
@@ -60,13 +66,14 @@ def _update_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=1)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        # none spills on sm_90 in bf16/fp16 (ringmaster inspect sm90); 128x128x32 on 4
+        # warps and 128x256 on 8 spilled with the accumulating epilogue and are left out
         for m, n, k, w, s in (
             (64, 64, 64, 4, 4),
             (64, 128, 64, 4, 4),
             (128, 64, 64, 4, 4),
             (128, 128, 64, 8, 3),
-            (128, 128, 32, 4, 4),
-            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 4),
         )
     ]
 
@@ -88,10 +95,10 @@ def _prune(configs: list[triton.Config], named_args: dict, **_: object) -> list[
 
 
 @triton.jit
-def _load_scaled(ptrs, mask, in_scale, HAS_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
+def _load_scaled(ptrs, mask, in_scale, SCALE_ON_LOAD: tl.constexpr, COMPUTE: tl.constexpr):
     """Load a tile as the compute dtype, applying the fp32 normalization when asked."""
     x = tl.load(ptrs, mask=mask, other=0.0)
-    if HAS_SCALE:
+    if SCALE_ON_LOAD:
         x = x.to(tl.float32) * in_scale
     return x.to(COMPUTE)
 
@@ -107,14 +114,15 @@ def _syrk_kernel(
     stride_yb, stride_ym, stride_yn,
     stride_ob, stride_om, stride_on,
     alpha, beta,
-    HAS_Y: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_Y: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_ON_LOAD: tl.constexpr,
     COMPUTE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Out[b] = alpha * P[b] P[b]^T + beta * Y[b] for P (M, K); Y, Out (M, M) symmetric.
 
-    Grid: (number of upper-triangle tiles, batch). P is scaled by ``in_scale[b]`` on load
-    when HAS_SCALE (the first iteration reads G itself).
+    Grid: (number of upper-triangle tiles, batch). When HAS_SCALE, P is scaled by
+    ``in_scale[b]`` (the first iteration reads G itself): ``s^2`` in the epilogue, or on
+    load when SCALE_ON_LOAD.
     """
     # Upper-triangle tile t, enumerated column by column: t = j (j + 1) / 2 + i, i <= j.
     t = tl.program_id(0)
@@ -140,11 +148,14 @@ def _syrk_kernel(
         kk = k0 * BLOCK_K + ks
         k_ok = kk < K
         lhs = _load_scaled(P + rows[:, None] * stride_pm + kk[None, :] * stride_pk,
-                           row_ok[:, None] & k_ok[None, :], s, HAS_SCALE, COMPUTE)
+                           row_ok[:, None] & k_ok[None, :], s, SCALE_ON_LOAD, COMPUTE)
         rhs = _load_scaled(P + cols[None, :] * stride_pm + kk[:, None] * stride_pk,
-                           k_ok[:, None] & col_ok[None, :], s, HAS_SCALE, COMPUTE)
+                           k_ok[:, None] & col_ok[None, :], s, SCALE_ON_LOAD, COMPUTE)
         acc = tl.dot(lhs, rhs, acc, input_precision=PRECISION, out_dtype=ACC)
 
+    if HAS_SCALE:
+        if not SCALE_ON_LOAD:
+            acc = acc * s * s  # one factor at a time: s * s alone could underflow
     acc = acc * alpha
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_Y:
@@ -173,7 +184,7 @@ def _update_kernel(
     stride_xb, stride_xm, stride_xn,
     stride_ob, stride_om, stride_on,
     a, out_scale, beta,
-    HAS_SCALE: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SCALE_ON_LOAD: tl.constexpr, HAS_BETA: tl.constexpr,
     COMPUTE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -210,12 +221,16 @@ def _update_kernel(
         lhs = tl.load(Bm + rows[:, None] * stride_bm + kk[None, :] * stride_bk,
                       mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
         rhs = _load_scaled(X + kk[:, None] * stride_xm + cols[None, :] * stride_xn,
-                           k_ok[:, None] & col_ok[None, :], s, HAS_SCALE, COMPUTE)
+                           k_ok[:, None] & col_ok[None, :], s, SCALE_ON_LOAD, COMPUTE)
         acc = tl.dot(lhs, rhs, acc, input_precision=PRECISION, out_dtype=ACC)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    x = _load_scaled(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, tile_ok, s, HAS_SCALE, COMPUTE)
-    acc = (acc + a * x.to(ACC)) * out_scale
+    x = _load_scaled(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, tile_ok, s, SCALE_ON_LOAD, COMPUTE)
+    acc = acc + a * x.to(ACC)
+    if HAS_SCALE:
+        if not SCALE_ON_LOAD:
+            acc = acc * s
+    acc = acc * out_scale
     Out = Out + batch * stride_ob
     out_ptrs = Out + rows[:, None] * stride_om + cols[None, :] * stride_on
     if HAS_BETA:  # read `out` only when asked: an unwritten (e.g. NaN) out must not leak in
@@ -228,6 +243,13 @@ def _precision(compute: torch.dtype) -> str:
     if compute == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def _scale_on_load(source: torch.dtype, compute: torch.dtype) -> bool:
+    """Whether the normalization must precede the cast: into fp16 from a wider dtype,
+    where unscaled values could overflow (bf16 and fp32 hold any bf16/fp32 magnitude),
+    and in fp64, whose twin normalizes in fp32 (rounding G to fp32 first, as on load)."""
+    return compute == torch.float64 or (compute == torch.float16 and source != torch.float16)
 
 
 def _chunks(batch: int):
@@ -251,8 +273,8 @@ def syrk(
         P: (batch, M, K), any strides and float dtype.
         out: (batch, M, M), written (never read).
         Y: optional symmetric (batch, M, M) addend.
-        in_scale: optional fp32 (batch,) factor applied to P on load, before the cast
-            to ``compute_dtype``.
+        in_scale: optional fp32 (batch,) factor of P: ``in_scale^2`` multiplies the
+            fp32 product (on load, before the cast, for fp16 compute of a wider P).
         compute_dtype: dtype of the tl.dot operands; accumulation is fp32 (fp64 for fp64).
     """
     batch, M, K = P.shape
@@ -262,12 +284,12 @@ def syrk(
         p, o, yy = P[part], out[part], y[part]
         scale = in_scale[part] if in_scale is not None else o
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK"]) * (triton.cdiv(M, meta["BLOCK"]) + 1) // 2, p.shape[0])
-        _syrk_kernel[grid](
-            p, yy, o, scale,
+        launch(
+            _syrk_kernel, grid, out.device, p, yy, o, scale,
             M, K, p.shape[0],
             *p.stride(), *yy.stride(), *o.stride(),
             float(alpha), float(beta),
-            HAS_Y=Y is not None, HAS_SCALE=in_scale is not None,
+            HAS_Y=Y is not None, HAS_SCALE=in_scale is not None, SCALE_ON_LOAD=in_scale is not None and _scale_on_load(P.dtype, compute_dtype),
             COMPUTE=_TL_DTYPES[compute_dtype], ACC=acc, PRECISION=_precision(compute_dtype),
         )
     return out
@@ -289,7 +311,8 @@ def update(
     Args:
         Bm: (batch, M, M); X: (batch, M, N); out: (batch, M, N), any strides and float
             dtypes; ``out`` is read only when ``beta != 0``.
-        in_scale: optional fp32 (batch,) factor applied to X on load (both uses).
+        in_scale: optional fp32 (batch,) factor of X (both uses), applied to the fp32
+            result (on load, before the cast, for fp16 compute of a wider X).
         compute_dtype: dtype of the tl.dot operands; accumulation is fp32 (fp64 for fp64).
     """
     batch, M, N = X.shape
@@ -298,12 +321,13 @@ def update(
         b, x, o = Bm[part], X[part], out[part]
         scale = in_scale[part] if in_scale is not None else o
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), x.shape[0])
-        _update_kernel[grid](
-            b, x, o, scale,
+        launch(
+            _update_kernel, grid, out.device, b, x, o, scale,
             M, N, x.shape[0],
             *b.stride(), *x.stride(), *o.stride(),
             float(a), float(out_scale), float(beta),
-            HAS_SCALE=in_scale is not None, HAS_BETA=beta != 0.0,
+            HAS_SCALE=in_scale is not None, SCALE_ON_LOAD=in_scale is not None and _scale_on_load(X.dtype, compute_dtype),
+            HAS_BETA=beta != 0.0,
             COMPUTE=_TL_DTYPES[compute_dtype], ACC=acc, PRECISION=_precision(compute_dtype),
         )
     return out

@@ -1,0 +1,125 @@
+"""Every Triton launch runs on its tensors' device and is seen by the launch counter."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, KERNEL_DEVICE
+from ringmaster_kernels import ops
+from ringmaster_kernels.kernels import launches
+from ringmaster_kernels.kernels import lmo as lmo_kernels
+from ringmaster_kernels.kernels import newton_schulz as ns
+
+HYPER = dict(lr=0.05, beta=0.9, weight_decay=0.1)
+
+
+def test_guard_makes_a_cuda_tensors_device_current():
+    guard = launches.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(launches.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+class _Recorder:
+    """Stands in for the guard and for the kernels: each kernel call notes which device
+    was made current around it (None: launched outside any guard)."""
+
+    def __init__(self):
+        self.current: list[torch.device] = []
+        self.calls: list[tuple[str, torch.device | None]] = []
+
+    @contextlib.contextmanager
+    def guard(self, device):
+        self.current.append(device)
+        try:
+            yield
+        finally:
+            self.current.pop()
+
+    def kernel(self, name):
+        recorder = self
+
+        class Fake:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: recorder.calls.append((name, recorder.current[-1] if recorder.current else None))
+
+        return Fake()
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(launches, "device_guard", rec.guard)
+    monkeypatch.setattr(lmo_kernels, "device_guard", rec.guard)
+    for module in (ns, lmo_kernels):
+        for name in ("_syrk_kernel", "_update_kernel", "_stats_kernel"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, rec.kernel(f"{module.__name__}.{name}"))
+    return rec
+
+
+def test_newton_schulz_launches_inside_the_tensors_device_guard(recorder):
+    G = torch.randn(2, 20, 36)
+    ops.orthogonalize(G, steps=2, backend="triton")
+    names = [name for name, _ in recorder.calls]
+    assert names == [f"{ns.__name__}.{k}" for k in ("_syrk_kernel", "_syrk_kernel", "_update_kernel")] * 2
+    assert all(device == G.device for _, device in recorder.calls)
+
+
+@pytest.mark.parametrize("norm", ["sign", "l2", "spectral"])
+def test_lmo_step_launches_inside_the_tensors_device_guard(recorder, norm):
+    xs = [torch.randn(20, 36), torch.randn(20, 36)]
+    ops.lmo_step_(xs, [torch.randn_like(x) for x in xs], [torch.zeros_like(x) for x in xs], norm=norm,
+                  backend="triton", **HYPER)
+    kernels = {name.rsplit(".", 1)[-1] for name, _ in recorder.calls}
+    assert "_update_kernel" in kernels and (norm != "spectral" or "_syrk_kernel" in kernels)
+    assert recorder.calls and all(device == xs[0].device for _, device in recorder.calls)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_second_gpu_while_the_first_is_current():
+    with torch.cuda.device(0):
+        G = torch.randn(2, 64, 96, device="cuda:1")
+        # kernel and twin both iterate in bf16 (the CUDA default): bf16's tolerance
+        torch.testing.assert_close(ops.orthogonalize(G, backend="triton"), ops.orthogonalize(G, backend="torch"),
+                                   rtol=6e-2, atol=6e-2)
+        xs = [torch.randn(64, 96, device="cuda:1")]
+        xr = [xs[0].clone()]
+        g, m, mr = torch.randn_like(xs[0]), torch.zeros_like(xs[0]), torch.zeros_like(xs[0])
+        ops.lmo_step_(xs, [g], [m], norm="l2", backend="triton", radius=1.0, **HYPER)
+        ops.lmo_step_(xr, [g], [mr], norm="l2", backend="torch", radius=1.0, **HYPER)
+        torch.testing.assert_close(xs[0], xr[0], rtol=1e-5, atol=1e-5)  # fp32 math on both sides
+
+
+# ------------------------------------------------------------------- the counter
+def _randn(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
+
+
+def test_counter_sees_three_launches_per_newton_schulz_step():
+    G = _randn(3, 20, 36)
+    with launches.count_launches() as counts:
+        ops.orthogonalize(G, steps=4, backend="triton")
+    assert counts.triton == {"_syrk_kernel": 8, "_update_kernel": 4}
+    # the Frobenius normalization and the output are torch ops; the interpreter's own
+    # copies inside a launch are not counted (they would number in the hundreds)
+    assert 0 < sum(counts.torch.values()) < 20
+    assert counts.summary()["triton"] == 12
+
+
+def test_counter_counts_chunked_launches(monkeypatch):
+    monkeypatch.setattr(ns, "_MAX_GRID_Y", 2)  # 5 matrices -> 3 launches per kernel call
+    with launches.count_launches() as counts:
+        ops.orthogonalize(_randn(5, 16, 20), steps=1, backend="triton")
+    assert counts.triton == {"_syrk_kernel": 6, "_update_kernel": 3}
+
+
+def test_counter_sees_nothing_outside_its_block_and_does_not_nest():
+    with launches.count_launches() as counts:
+        with pytest.raises(RuntimeError, match="nest"):
+            with launches.count_launches():
+                pass
+    ops.orthogonalize(_randn(20, 36), steps=1, backend="triton")
+    assert not counts.triton and not counts.torch
