@@ -61,10 +61,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import required
 
 from .. import ops
 from ..coefficients import POLAR_EXPRESS
-from ..optim.gluon import MOMENTUM, LMOStateMixin, _check_number, _closure_loss, _collect_grads, matrix_shape
+from ..optim.composite import CompositeMixin
+from ..optim.gluon import MOMENTUM, _check_number, _closure_loss, _collect_grads, check_lr, matrix_shape
 
 __all__ = ["RingmasterMuonAdamW", "EXTRAS", "nanochat_coefficients", "install", "patch"]
 
@@ -96,7 +98,7 @@ def nanochat_coefficients(ns_steps: int) -> list[tuple[float, float, float]]:
     return [(a / k, b / k**3, c / k**5), *rest]
 
 
-class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
+class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
     """NanoChat's combined optimizer (Muon for matrices, AdamW for the rest) on our kernels.
 
     Args:
@@ -114,8 +116,15 @@ class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
         fused_adamw: use ``torch.optim.AdamW(fused=True)``.
         backend: "auto" | "triton" | "torch", passed to the ops.
 
-    Parameters with no gradient are left alone (their momentum too).
+    Parameters with no gradient are left alone (their momentum too). A muon group may also
+    set ``maximize``; parameters may be ``(name, tensor)`` pairs. To torch's machinery it
+    is one optimizer (:mod:`..optim.composite`): ``defaults`` are the muon groups' (the
+    NanoChat keys are required), so momentum schedulers cycle muon groups' ``momentum``
+    and adamw groups' beta1, and ``add_param_group`` takes either kind.
     """
+
+    KINDS = KINDS
+    OWN_KINDS = ("muon",)
 
     def __init__(
         self,
@@ -133,44 +142,28 @@ class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
         self._init_guard(nonfinite)
         extras = dict(row_equilibration=row_equilibration, renormalize=renormalize,
                       variance_reduction=variance_reduction, cautious_weight_decay=cautious_weight_decay)
-        groups = list(param_groups)
-        if not groups:
-            raise ValueError("param_groups is empty")
-        for gi, group in enumerate(groups):
-            _check_structure(group, gi)
-            if group["kind"] == "muon":
-                for key, value in extras.items():
-                    group.setdefault(key, value)
-                _check_muon_hyper(group, f"param_groups[{gi}]")
         self.backend = backend
         self.process_group = process_group
-        self._extras = extras
-        adamw = [g for g in groups if g["kind"] == "adamw"]
-        # AdamW fills its defaults into these very dicts; adopting the same objects below
-        # is what lets the training loop's lr rewrites reach it.
-        self._adamw = torch.optim.AdamW(adamw, fused=fused_adamw) if adamw else None
-        super().__init__(groups, {})
-        self._adopt_groups()
-        self.register_load_state_dict_post_hook(RingmasterMuonAdamW._adopt_groups)
+        self._fused_adamw = fused_adamw
+        self._inner: dict[str, torch.optim.Optimizer] = {}
+        muon_defaults = {key: required for key in _REQUIRED["muon"] if key != "params"}
+        # "differentiable" is declared (and refused when True) because torch adds it to
+        # defaults on every load; declared, every muon group has it from the start
+        super().__init__(param_groups, {**muon_defaults, **extras, "maximize": False, "differentiable": False})
 
-    def _adopt_groups(self) -> None:
-        """After init and each load (which replaces the groups with the saved ones, e.g.
-        NanoChat's, lacking our keys): fill in the defaults of both kinds and point the
-        inner AdamW at our adamw groups and state."""
-        for group in self.param_groups:
-            defaults = self._extras if group["kind"] == "muon" else self._adamw.defaults
-            for key, value in defaults.items():
-                group.setdefault(key, value)
-            if group["kind"] == "adamw":
-                on_param = group["fused"] or group["capturable"]
-                for p in group["params"]:
-                    step = self.state.get(p, {}).get("step")
-                    if step is not None and not isinstance(step, torch.Tensor):  # NanoChat counts in an int
-                        self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32,
-                                                             device=p.device if on_param else "cpu")
-        if self._adamw is not None:
-            self._adamw.param_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
-            self._adamw.state = self.state
+    def _make_inner(self, kind: str, group: dict[str, Any]) -> torch.optim.Optimizer:
+        # AdamW fills its defaults into this very dict; our param_groups hold the same
+        # object, which is what lets the training loop's lr rewrites reach it.
+        return torch.optim.AdamW([group], fused=self._fused_adamw)
+
+    def _check_new_group(self, group: dict[str, Any], where: str) -> None:
+        missing = [key for key in _REQUIRED[group["kind"]] if key not in group]
+        if missing:
+            raise ValueError(f"{where} (kind {group['kind']!r}) lacks {missing}")
+
+    def _check_own_group(self, group: dict[str, Any], where: str) -> None:
+        _check_muon_params(group, where)
+        _check_muon_hyper(group, where)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -183,8 +176,7 @@ class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             if group["kind"] == "muon":
                 self._muon_step(group, gi)
-        if self._adamw is not None:
-            self._adamw.step()
+        self._step_inner("adamw")
         return loss
 
     def _average(self, grads: list[torch.Tensor]) -> None:
@@ -211,16 +203,17 @@ class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
             return
         rows, cols = matrix_shape(params[0].shape)
         state = self._group_state(params, rows, cols, group["variance_reduction"], where)
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        lr, wd = check_lr(where, group["lr"]), float(group["weight_decay"])
         shape_scale = max(1.0, rows / cols) ** 0.5
         coefficients = nanochat_coefficients(group["ns_steps"])
         momenta = state[MOMENTUM]
         if not any(group[key] for key in EXTRAS):
             # Plain Muon: ops.lmo_step_'s decay uses lr alone, NanoChat's the shape-scaled lr.
             work = [params[i] if params[i].is_contiguous() else params[i].contiguous() for i in live]
+            grads = [params[i].grad.reshape(rows, cols) for i in live]
             ops.lmo_step_(
                 [w.view(rows, cols) for w in work],
-                [params[i].grad.reshape(rows, cols) for i in live],
+                torch._foreach_neg(grads) if group["maximize"] else grads,
                 [momenta[i] for i in live],
                 norm="spectral", lr=lr, beta=float(group["momentum"]), nesterov=True,
                 weight_decay=wd * shape_scale, scale="muon", steps=len(coefficients),
@@ -236,6 +229,8 @@ class RingmasterMuonAdamW(LMOStateMixin, torch.optim.Optimizer):
             return buf if index is None else buf.index_select(0, index)
 
         G = torch.stack([params[i].grad.reshape(rows, cols) for i in live]).float()
+        if group["maximize"]:
+            G.neg_()
         M = gather(momenta)
         beta = float(group["momentum"])
         M.lerp_(G, 1.0 - beta)
@@ -293,27 +288,14 @@ def _normuon_(O: torch.Tensor, V: torch.Tensor, beta2: float) -> None:
     O.mul_(norm / torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
-def _check_structure(group: object, gi: int) -> None:
-    where = f"param_groups[{gi}]"
-    if not isinstance(group, dict):
-        raise TypeError(f"{where} must be a dict, got {type(group).__name__}")
-    kind = group.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"{where}['kind'] must be one of {KINDS}, got {kind!r}")
-    missing = [key for key in _REQUIRED[kind] if key not in group]
-    if missing:
-        raise ValueError(f"{where} (kind {kind!r}) lacks {missing}")
-    if isinstance(group["params"], torch.Tensor):
-        group["params"] = [group["params"]]
-    group["params"] = list(group["params"])
-    if kind != "muon":
-        return
+def _check_muon_params(group: dict[str, Any], where: str) -> None:
+    """A muon group's tensors (after torch has split off any names): one shape, >= 2 dims."""
     params = group["params"]
     if not params:
         raise ValueError(f"{where}['params'] is empty")
     for pi, p in enumerate(params):
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise TypeError(f"{where}['params'][{pi}] must be a floating-point tensor")
+        if not p.is_floating_point():
+            raise TypeError(f"{where}['params'][{pi}] must be a floating-point tensor, got {p.dtype}")
         if p.dim() < 2:
             raise ValueError(f"{where}['params'][{pi}] has shape {tuple(p.shape)}: muon groups need matrices")
         if p.shape != params[0].shape:
@@ -327,14 +309,16 @@ def _check_structure(group: object, gi: int) -> None:
 
 def _check_muon_hyper(group: dict[str, Any], where: str) -> None:
     """What the training loop may rewrite between steps; cheap, so checked every step."""
-    _check_number(where, "lr", float(group["lr"]) if isinstance(group["lr"], torch.Tensor) else group["lr"])
+    check_lr(where, group["lr"])
     _check_number(where, "momentum", group["momentum"], high=1.0)
     _check_number(where, "beta2", group["beta2"], high=1.0)
     _check_number(where, "weight_decay", group["weight_decay"])
     nanochat_coefficients(group["ns_steps"])
-    for key in EXTRAS:
+    for key in (*EXTRAS, "maximize"):
         if not isinstance(group[key], bool):
             raise TypeError(f"{where}: {key} must be a bool, got {type(group[key]).__name__}")
+    if group["differentiable"]:
+        raise ValueError(f"{where}: differentiable=True is not supported (the step runs under no_grad)")
 
 
 def _factory(options: dict[str, Any]) -> Callable[..., RingmasterMuonAdamW]:

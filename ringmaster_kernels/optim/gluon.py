@@ -20,6 +20,7 @@ is seen as a matrix (:func:`matrix_shape`), so vectors and conv kernels work wit
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from itertools import chain
@@ -31,6 +32,12 @@ from .. import norms, ops
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 MOMENTUM = "momentum_buffer"  # fp32 for every parameter dtype, as ops.lmo_step_ requires
+# The skipped-step counter is a group key, so that every tool that carries param_groups
+# (torch.distributed.checkpoint's get/set_optimizer_state_dict among them) carries it.
+SKIPPED = "skipped_steps"
+# What torch.optim.Optimizer sets on an instance and rebuilds itself after unpickling: its
+# hook dicts and an LR scheduler's step wrapper (a closure over the original optimizer).
+_TORCH_INSTANCE_ATTRS = ("step", "_opt_called", "_zero_grad_profile_name")
 
 # Group keys that feed a norm option when the catalogue entry declares it.
 _NS_KEYS = {"ns_steps": "steps", "ns_coefficients": "coefficients", "ns_dtype": "compute_dtype"}
@@ -54,25 +61,33 @@ def matrix_shape(shape: torch.Size | Sequence[int]) -> tuple[int, int]:
 
 
 class LMOStateMixin:
-    """What Gluon and GluonAdamW share: the non-finite guard and checkpoint handling.
+    """What Gluon and the composite optimizers share: the non-finite guard, checkpoint
+    handling and copying.
 
     Before a step, a non-finite gradient makes the step be skipped (and counted in
     ``skipped_steps``) or raise. Checking costs one host synchronization per step;
     ``nonfinite="ignore"`` avoids it and lets NaN/inf reach the parameters.
 
-    ``state_dict()`` adds ``skipped_steps``; ``load_state_dict()`` keeps the fp32
-    momentum buffers fp32 (``torch.optim`` would cast them to the parameter's dtype,
-    rounding a bf16 model's momentum), so a round trip is bitwise for every dtype.
+    The count is kept per group (key ``"skipped_steps"``: steps skipped since the group was
+    added), so state dicts, DCP included, carry it; ``load_state_dict()`` also reads the
+    older top-level key, and keeps the fp32 momentum buffers fp32 (``torch.optim`` would
+    cast them to the parameter's dtype, rounding a bf16 model's momentum), so a round trip
+    is bitwise for every dtype. ``copy.deepcopy`` and pickle keep every option
+    (``torch.optim.Optimizer`` would keep only ``defaults``, ``state`` and ``param_groups``).
     """
 
-    skipped_steps: int
     nonfinite: str
+    param_groups: list[dict[str, Any]]
 
     def _init_guard(self, nonfinite: str) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (the oldest group's count)."""
+        return max((int(g.get(SKIPPED, 0)) for g in self.param_groups), default=0)
 
     def _grads_ok(self, grads: list[torch.Tensor]) -> bool:
         """True when the step may go ahead; False when it must be skipped (and counted)."""
@@ -91,25 +106,26 @@ class LMOStateMixin:
                 f"{type(self).__name__}.step: a gradient holds NaN or inf "
                 "(pass nonfinite='skip' to skip such steps instead)"
             )
-        self.skipped_steps += 1
+        for group in self.param_groups:
+            group[SKIPPED] = int(group.get(SKIPPED, 0)) + 1
         return False
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        out = super().state_dict()  # type: ignore[misc]
-        out["skipped_steps"] = self.skipped_steps
-        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         state_dict = dict(state_dict)
-        skipped = state_dict.pop("skipped_steps", 0)
+        legacy_skipped = int(state_dict.pop(SKIPPED, 0))  # saved before the count moved into the groups
         saved = {k: v[MOMENTUM] for k, v in state_dict["state"].items() if isinstance(v, dict) and MOMENTUM in v}
         super().load_state_dict(state_dict)  # type: ignore[misc]
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)  # type: ignore[attr-defined]
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
         for k, p in zip(ids, params):
             if k in saved:
                 self.state[p][MOMENTUM] = saved[k].to(device=p.device, dtype=torch.float32, copy=True)  # type: ignore[attr-defined]
-        self.skipped_steps = int(skipped)
+        for group in self.param_groups:
+            group.setdefault(SKIPPED, legacy_skipped)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()
+                if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in _TORCH_INSTANCE_ATTRS}
 
 
 def _extremes(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -181,6 +197,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         nonfinite: "skip" (default: skip the whole step, count it in
             ``skipped_steps``), "raise" (``FloatingPointError``) or "ignore" (no check).
         backend: "auto" | "triton" | "torch", passed to ``ops.lmo_step_``.
+        maximize: step to increase the objective (the LMO of ``-g``), as in ``torch.optim``.
 
     Parameters are updated in their own dtype (rounded once); the momentum buffer
     (``state[p]["momentum_buffer"]``) is fp32. Tensors of 3 or more dimensions are seen
@@ -206,15 +223,23 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         nonfinite: str = "skip",
         backend: str | None = "auto",
         ns_dtype: torch.dtype | None = None,
+        maximize: bool = False,
     ) -> None:
         self._init_guard(nonfinite)
         self.backend = backend
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, norm=norm, radius=radius,
             weight_decay=weight_decay, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-            ns_dtype=ns_dtype, L0=L0, L1=L1, norm_options=norm_options,
+            ns_dtype=ns_dtype, L0=L0, L1=L1, norm_options=norm_options, maximize=maximize,
         )
         super().__init__(params, defaults)
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """The group options a group that sets none gets (the constructor's defaults)."""
+        signature = inspect.signature(cls.__init__)
+        skip = ("self", "params", "nonfinite", "backend")
+        return {k: v.default for k, v in signature.parameters.items() if k not in skip}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch.optim semantics), checking its options and tensors first."""
@@ -225,6 +250,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        param_group.setdefault(SKIPPED, 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -251,6 +277,8 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
             work = [p if p.is_contiguous() else p.contiguous() for p in params]
             xs = [w.view(matrix_shape(w.shape)) for w in work]
             gs = [p.grad.reshape(x.shape) for p, x in zip(params, xs)]
+            if group.get("maximize", False):  # a group loaded from before maximize existed lacks it
+                gs = torch._foreach_neg(gs)
             ms = [self._momentum(p).view(x.shape) for p, x in zip(params, xs)]
             if group["L0"] is None:
                 ops.lmo_step_(xs, gs, ms, lr=lr, **common)
@@ -283,19 +311,25 @@ def _check_number(where: str, name: str, value: object, high: float = math.inf) 
         raise ValueError(f"{where}: {name} must be {bound}, got {value!r}")
 
 
-def _check_hyper(group: dict[str, Any], where: str) -> None:
-    """Options a scheduler or user may rewrite between steps; cheap, so checked each step."""
-    lr = group["lr"]
+def check_lr(where: str, lr: object) -> float:
+    """``lr`` as a float: a number >= 0 or a 1-element tensor (a scheduler may set either)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError(f"{where}: lr must be a number or a 1-element tensor, got shape {tuple(lr.shape)}")
         lr = float(lr)
     _check_number(where, "lr", lr)
+    return float(lr)  # type: ignore[arg-type]
+
+
+def _check_hyper(group: dict[str, Any], where: str) -> None:
+    """Options a scheduler or user may rewrite between steps; cheap, so checked each step."""
+    check_lr(where, group["lr"])
     _check_number(where, "momentum", group["momentum"], high=1.0)
     _check_number(where, "weight_decay", group["weight_decay"])
     _check_number(where, "radius", group["radius"])
-    if not isinstance(group["nesterov"], bool):
-        raise TypeError(f"{where}: nesterov must be a bool, got {type(group['nesterov']).__name__}")
+    for key in ("nesterov", "maximize"):
+        if not isinstance(group.get(key, False), bool):
+            raise TypeError(f"{where}: {key} must be a bool, got {type(group[key]).__name__}")
     L0, L1 = group["L0"], group["L1"]
     if (L0 is None) != (L1 is None):
         raise ValueError(f"{where}: give both L0 and L1 for Gluon's step-size rule, or neither")

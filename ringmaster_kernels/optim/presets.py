@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .gluon import Gluon, LMOStateMixin, _closure_loss, _collect_grads, matrix_shape
+from .composite import CompositeMixin
+from .gluon import Gluon, _closure_loss, _collect_grads, matrix_shape
 
 ROLES = ("hidden", "embedding", "head", "vector")
 KINDS = ("gluon", "adamw")
@@ -178,94 +179,55 @@ def scion_groups(
     return _apply_overrides(groups, overrides)
 
 
-class GluonAdamW(LMOStateMixin, torch.optim.Optimizer):
+class GluonAdamW(CompositeMixin, torch.optim.Optimizer):
     """One optimizer over groups of kind "gluon" (:class:`Gluon`) and "adamw" (fused AdamW).
 
     ``param_groups`` holds the very group dicts the two inner optimizers step, in the
     order given, so LR schedulers and in-loop edits reach them; ``state`` is shared too,
-    so ``state_dict()``/``load_state_dict()`` are the ``torch.optim`` ones (plus
-    ``skipped_steps``). The non-finite check covers every gradient once per step, so a
-    skipped step leaves both kinds untouched.
+    so ``state_dict()``/``load_state_dict()`` are the ``torch.optim`` ones (with the
+    ``skipped_steps`` count in the groups). The non-finite check covers every gradient
+    once per step, so a skipped step leaves both kinds untouched. To torch's machinery it
+    is one optimizer (:mod:`.composite`): ``defaults`` are Gluon's, so momentum schedulers
+    cycle Gluon groups' ``momentum`` and AdamW groups' beta1.
 
     Args:
         param_groups: group dicts, each with ``kind`` in ("gluon", "adamw") (default
-            "gluon"), e.g. from :func:`muon_groups`. Gluon groups take Gluon's options,
-            AdamW groups AdamW's.
+            "gluon"), e.g. from :func:`muon_groups`; or tensors / ``(name, tensor)``
+            pairs for one Gluon group. Gluon groups take Gluon's options, AdamW groups
+            AdamW's.
         nonfinite: "skip" | "raise" | "ignore", as in :class:`Gluon`.
         fused_adamw: use ``torch.optim.AdamW(fused=True)``.
         backend: passed to :class:`Gluon`.
     """
 
+    KINDS = KINDS
+    DEFAULT_KIND = "gluon"
+
     def __init__(
         self,
-        param_groups: Iterable[dict[str, Any]],
+        param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
         *,
         nonfinite: str = "skip",
         fused_adamw: bool = True,
         backend: str | None = "auto",
     ) -> None:
         self._init_guard(nonfinite)
-        groups = list(param_groups)
-        for i, g in enumerate(groups):
-            if not isinstance(g, dict):
-                raise TypeError(f"param_groups[{i}] must be a dict with 'params' and 'kind', got {type(g).__name__}")
-            g.setdefault("kind", "gluon")
-            if g["kind"] not in KINDS:
-                raise ValueError(f"param_groups[{i}]['kind'] must be one of {KINDS}, got {g['kind']!r}")
         self._fused_adamw = fused_adamw
         self._backend = backend
         self._inner: dict[str, torch.optim.Optimizer] = {}
-        for kind in KINDS:
-            mine = [g for g in groups if g["kind"] == kind]
-            if mine:
-                self._inner[kind] = self._make_inner(kind, mine)
-        # The inner optimizers have filled in their defaults in place; adopting the same
-        # dict objects is what makes schedulers see one list.
-        self._building = True
-        super().__init__(groups, {})
-        self._building = False
-        self._share_state()
-        self.register_load_state_dict_post_hook(GluonAdamW._share_state)
+        super().__init__(param_groups, {"kind": "gluon", **Gluon.option_defaults()})
 
-    def _make_inner(self, kind: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    def _make_inner(self, kind: str, group: dict[str, Any]) -> torch.optim.Optimizer:
         if kind == "gluon":
             # the check here would repeat ours; one check over all gradients is the point
-            return Gluon(groups, nonfinite="ignore", backend=self._backend)
-        return torch.optim.AdamW(groups, fused=self._fused_adamw)
-
-    def _share_state(self) -> None:
-        """Point the inner optimizers at our groups and state (after init and each load,
-        since ``load_state_dict`` replaces both)."""
-        for kind, inner in self._inner.items():
-            inner.param_groups = [g for g in self.param_groups if g["kind"] == kind]
-            inner.state = self.state
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group of either kind after construction (torch.optim semantics)."""
-        if self._building:
-            super().add_param_group(param_group)
-            return
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        kind = param_group.setdefault("kind", "gluon")
-        if kind not in KINDS:
-            raise ValueError(f"param_group['kind'] must be one of {KINDS}, got {kind!r}")
-        if kind in self._inner:
-            self._inner[kind].add_param_group(param_group)
-        else:
-            self._inner[kind] = self._make_inner(kind, [param_group])
-        try:
-            super().add_param_group(param_group)
-        except ValueError:
-            self._inner[kind].param_groups.remove(param_group)
-            raise
-        self._share_state()
+            return Gluon([group], nonfinite="ignore", backend=self._backend)
+        return torch.optim.AdamW([group], fused=self._fused_adamw)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Step both kinds once; returns ``closure()``'s loss."""
         loss = _closure_loss(closure)
         if self._grads_ok(_collect_grads(self.param_groups, type(self).__name__)):
-            for inner in self._inner.values():
-                inner.step()
+            for kind in KINDS:
+                self._step_inner(kind)
         return loss
