@@ -118,6 +118,11 @@ class LMOStateMixin:
                 self.state[p][MOMENTUM] = saved[k].to(device=p.device, dtype=torch.float32, copy=True)  # type: ignore[attr-defined]
         self.skipped_steps = int(skipped)
 
+    def _state_shape(self, group: dict[str, Any], p: torch.Tensor, key: str) -> tuple[int, ...] | None:
+        """The shape ``state[p][key]`` must have (None: not checked); per-parameter
+        buffers by default, overridden where a group keeps its state stacked."""
+        return tuple(p.shape)
+
     def _check_loadable(self, state_dict: Any) -> None:
         owner = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, Mapping):
@@ -156,9 +161,11 @@ class LMOStateMixin:
                         raise TypeError(f"{where} must be a tensor, got {type(value).__name__}")
                     if not isinstance(value, torch.Tensor):
                         continue
-                    if value.dim() > 0 and value.shape != p.shape:
+                    expected = self._state_shape(group, p, key)
+                    if value.dim() > 0 and expected is not None and tuple(value.shape) != tuple(expected):
                         raise ValueError(
-                            f"{where} has shape {tuple(value.shape)}; a state_dict of another model?"
+                            f"{where} has shape {tuple(value.shape)}, expected {tuple(expected)}; "
+                            "a state_dict of another model?"
                         )
                     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                         raise ValueError(f"{where} holds NaN or inf")
