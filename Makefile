@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 # On a GPU machine: make install TORCH_SPEC=torch  (or any CUDA build already installed).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench tsan clean
+.PHONY: install demo test bench tsan asan clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -24,6 +24,9 @@ bench: install
 
 tsan:
 	$(MAKE) -C csrc tsan
+
+asan:
+	$(MAKE) -C csrc asan
 
 clean:
 	rm -rf build *.egg-info ringmaster_kernels/*.so

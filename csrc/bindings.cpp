@@ -9,15 +9,21 @@
 // queue.SimpleQueue put+get pair, and the queue must stay within 2x of that.
 //
 // Non-blocking attempts run with the GIL held (releasing it costs more than the
-// attempt); waits release it, and wake every 100 ms so that Ctrl-C gets through.
+// attempt) and are bounded: no call spins with the GIL held. Waits release it, and
+// wake every 100 ms so that Ctrl-C gets through.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cxxabi.h>
+
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <memory>
 #include <new>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ringmaster/harness.hpp"
@@ -31,7 +37,6 @@ using ringmaster::Record;
 namespace {
 
 constexpr double kSignalCheckSeconds = 0.1;
-constexpr std::uint64_t kU32Max = 0xFFFFFFFFull;
 constexpr std::uint64_t kU64Max = ~std::uint64_t{0};
 constexpr std::uint64_t kMaxBatch = std::uint64_t{1} << 24;
 
@@ -71,11 +76,13 @@ PyObject* record_or_none(const std::optional<Record>& r) {
 
 std::string type_name(PyObject* obj) { return Py_TYPE(obj)->tp_name; }
 
-// An int (or anything with __index__, but not a bool) in [0, max].
-std::uint64_t as_uint(PyObject* obj, const char* name, std::uint64_t max) {
+// An int (or anything with __index__, but not a bool) in [min, max].
+std::uint64_t as_uint(PyObject* obj, const char* name, std::uint64_t max, std::uint64_t min = 0) {
   if (PyLong_CheckExact(obj)) {  // the common case, without the __index__ round trip
     const unsigned long long value = PyLong_AsUnsignedLongLong(obj);
-    if (value <= max && !(value == static_cast<unsigned long long>(-1) && PyErr_Occurred())) return value;
+    if (value <= max && value >= min && !(value == static_cast<unsigned long long>(-1) && PyErr_Occurred())) {
+      return value;
+    }
     PyErr_Clear();  // fall through to the full path for the error message
   }
   if (PyBool_Check(obj) || !(PyLong_Check(obj) || PyIndex_Check(obj))) {
@@ -86,18 +93,14 @@ std::uint64_t as_uint(PyObject* obj, const char* name, std::uint64_t max) {
   const unsigned long long value = PyLong_AsUnsignedLongLong(index.ptr());
   const bool overflow = value == static_cast<unsigned long long>(-1) && PyErr_Occurred();
   if (overflow) PyErr_Clear();  // negative or >= 2**64
-  if (overflow || value > max) {
-    throw py::value_error(std::string(name) + ": must be in [0, " + std::to_string(max) + "], got " +
-                          py::str(index).cast<std::string>());
+  if (overflow || value > max || value < min) {
+    throw py::value_error(std::string(name) + ": must be in [" + ringmaster::bound_text(min) + ", " +
+                          ringmaster::bound_text(max) + "], got " + py::str(index).cast<std::string>());
   }
   return value;
 }
 
-std::uint64_t as_positive(PyObject* obj, const char* name, std::uint64_t max) {
-  const std::uint64_t value = as_uint(obj, name, max);
-  if (value == 0) throw py::value_error(std::string(name) + ": must be >= 1, got 0");
-  return value;
-}
+std::uint64_t as_positive(PyObject* obj, const char* name, std::uint64_t max) { return as_uint(obj, name, max, 1); }
 
 // nullptr (argument not given) and None both mean "wait forever".
 Deadline as_deadline(PyObject* timeout) {
@@ -105,8 +108,16 @@ Deadline as_deadline(PyObject* timeout) {
   if (PyBool_Check(timeout) || !(PyFloat_Check(timeout) || PyLong_Check(timeout))) {
     throw py::type_error("timeout: must be None or a number of seconds, got " + type_name(timeout));
   }
-  const double seconds = PyFloat_AsDouble(timeout);
-  if (seconds == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  double seconds = PyFloat_AsDouble(timeout);
+  if (seconds == -1.0 && PyErr_Occurred()) {
+    // Only an int beyond the float range gets here: by its sign, forever (as
+    // float('inf') is) or a negative timeout.
+    if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
+    PyErr_Clear();
+    const int negative = PyObject_RichCompareBool(timeout, py::int_(0).ptr(), Py_LT);
+    if (negative < 0) throw py::error_already_set();
+    seconds = negative ? -1.0 : std::numeric_limits<double>::infinity();
+  }
   if (!(seconds >= 0.0)) {  // also rejects NaN
     throw py::value_error("timeout: must be None or >= 0 seconds, got " +
                           py::repr(py::handle(timeout)).cast<std::string>());
@@ -114,9 +125,12 @@ Deadline as_deadline(PyObject* timeout) {
   return Deadline::after(seconds);
 }
 
-Record as_record(PyObject* slot, PyObject* worker, PyObject* version) {
-  return Record{static_cast<std::uint32_t>(as_uint(slot, "slot", kU32Max)),
-                static_cast<std::uint32_t>(as_uint(worker, "worker", kU32Max)),
+std::uint32_t as_slot(PyObject* slot, const GradientQueue& q) {
+  return static_cast<std::uint32_t>(as_uint(slot, "slot", q.num_slots() - 1));
+}
+
+Record as_record(PyObject* slot, PyObject* worker, PyObject* version, const GradientQueue& q) {
+  return Record{as_slot(slot, q), static_cast<std::uint32_t>(as_uint(worker, "worker", q.num_workers() - 1)),
                 as_uint(version, "version", kU64Max)};
 }
 
@@ -164,6 +178,8 @@ PyObject* raise_current() {
     e.set_error();
   } catch (const ringmaster::QueueClosed& e) {
     PyErr_SetString(queue_closed_type, e.what());
+  } catch (const ringmaster::OutOfMemory& e) {
+    PyErr_SetString(PyExc_MemoryError, e.what());
   } catch (const std::invalid_argument& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
   } catch (const std::bad_alloc&) {
@@ -174,13 +190,37 @@ PyObject* raise_current() {
   return nullptr;
 }
 
+// Turns C++ exceptions into Python ones, except the forced unwind by which
+// pthread_exit ends a thread that takes the GIL back while the interpreter shuts
+// down (a daemon thread waiting in the queue at exit): that one must pass on, and
+// so this is not noexcept (unwinding into a noexcept frame is std::terminate).
 template <class F>
-PyObject* guarded(F&& body) noexcept {
+PyObject* guarded(F&& body) {
   try {
     return body();
+  } catch (abi::__forced_unwind&) {
+    throw;
   } catch (...) {
     return raise_current();
   }
+}
+
+// fn() with the GIL released. Not py::gil_scoped_release: its destructor takes the
+// GIL back, and a forced unwind (see guarded) starting in a destructor, which is
+// implicitly noexcept, aborts the process.
+template <class F>
+auto without_gil(F&& fn) -> decltype(fn()) {
+  PyThreadState* const state = PyEval_SaveThread();
+  std::optional<decltype(fn())> result;
+  try {
+    result.emplace(fn());
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+  // Outside the try: the forced unwind starts in here.
+  PyEval_RestoreThread(state);
+  return std::move(*result);
 }
 
 // Runs op(deadline): one attempt with the GIL held; then, while the timeout
@@ -192,10 +232,7 @@ auto blocking(PyObject* timeout, Op&& op) -> decltype(op(Deadline::now())) {
   if (result || deadline.expired()) return result;
   for (;;) {
     const Deadline slice = deadline.earliest(Deadline::after(kSignalCheckSeconds));
-    {
-      py::gil_scoped_release nogil;
-      result = op(slice);
-    }
+    result = without_gil([&] { return op(slice); });
     if (result || deadline.expired()) return result;
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
   }
@@ -222,8 +259,9 @@ PyObject* queue_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   if (self == nullptr) return nullptr;
   PyObject* ok = guarded([&]() -> PyObject* {
     reinterpret_cast<QueueObject*>(self)->queue =
-        new GradientQueue(as_uint(capacity, "capacity", kU64Max), as_uint(num_slots, "num_slots", kU64Max),
-                          as_uint(num_workers, "num_workers", kU64Max));
+        new GradientQueue(as_positive(capacity, "capacity", GradientQueue::kMaxCapacity),
+                          as_positive(num_slots, "num_slots", GradientQueue::kMaxSlots),
+                          as_positive(num_workers, "num_workers", GradientQueue::kMaxWorkers));
     return self;
   });
   if (ok == nullptr) Py_DECREF(self);
@@ -260,7 +298,17 @@ PyObject* queue_acquire_slot(FASTCALL_ARGS) {
 PyObject* queue_release_slot(FASTCALL_ARGS) {
   return guarded([&]() -> PyObject* {
     const auto a = parse_args<1>("release_slot", {"slot"}, 1, args, nargs, kwnames);
-    queue_of(self).release_slot(static_cast<std::uint32_t>(as_uint(a[0], "slot", kU32Max)));
+    GradientQueue& q = queue_of(self);
+    const std::uint32_t slot = as_slot(a[0], q);
+    q.begin_release(slot);
+    // Rarely needed (see try_finish_release), and then with the GIL let go: the
+    // thread this waits for may be one that needs the GIL to get on.
+    if (!q.try_finish_release(slot)) {
+      without_gil([&] {
+        while (!q.try_finish_release(slot)) std::this_thread::yield();
+        return true;
+      });
+    }
     Py_RETURN_NONE;
   });
 }
@@ -269,7 +317,7 @@ PyObject* queue_push(FASTCALL_ARGS) {
   return guarded([&]() -> PyObject* {
     const auto a = parse_args<4>("push", {"slot", "worker", "version", "timeout"}, 3, args, nargs, kwnames);
     GradientQueue& q = queue_of(self);
-    const Record r = as_record(a[0], a[1], a[2]);
+    const Record r = as_record(a[0], a[1], a[2], q);
     return bool_object(blocking(a[3], [&](Deadline d) { return q.push(r, d); }));
   });
 }
@@ -277,7 +325,8 @@ PyObject* queue_push(FASTCALL_ARGS) {
 PyObject* queue_try_push(FASTCALL_ARGS) {
   return guarded([&]() -> PyObject* {
     const auto a = parse_args<3>("try_push", {"slot", "worker", "version"}, 3, args, nargs, kwnames);
-    return bool_object(queue_of(self).push(as_record(a[0], a[1], a[2]), Deadline::now()));
+    GradientQueue& q = queue_of(self);
+    return bool_object(q.push(as_record(a[0], a[1], a[2], q), Deadline::now()));
   });
 }
 
@@ -390,7 +439,7 @@ PyObject* queue_pop_into(FASTCALL_ARGS) {
 }
 
 PyObject* queue_bump_version(PyObject* self, PyObject*) {
-  return PyLong_FromUnsignedLongLong(queue_of(self).bump_version());
+  return guarded([&]() -> PyObject* { return PyLong_FromUnsignedLongLong(queue_of(self).bump_version()); });
 }
 
 PyObject* queue_set_version(FASTCALL_ARGS) {
@@ -552,15 +601,11 @@ PYBIND11_MODULE(_queue, m) {
         cfg.producers = static_cast<std::uint32_t>(as_uint(producers.ptr(), "producers", 1024));
         cfg.records_per_producer = as_uint(records_per_producer.ptr(), "records_per_producer", std::uint64_t{1} << 32);
         cfg.consumers = static_cast<std::uint32_t>(as_uint(consumers.ptr(), "consumers", 1024));
-        cfg.capacity = as_uint(capacity.ptr(), "capacity", kU64Max);
-        cfg.num_slots = static_cast<std::uint32_t>(as_uint(num_slots.ptr(), "num_slots", kU32Max));
+        cfg.capacity = as_uint(capacity.ptr(), "capacity", GradientQueue::kMaxCapacity);
+        cfg.num_slots = static_cast<std::uint32_t>(as_uint(num_slots.ptr(), "num_slots", GradientQueue::kMaxSlots));
         cfg.batch = as_uint(batch.ptr(), "batch", kMaxBatch);
         cfg.max_delay = as_uint(max_delay.ptr(), "max_delay", kU64Max);
-        ringmaster::StressResult r;
-        {
-          py::gil_scoped_release nogil;
-          r = ringmaster::run_stress(cfg);
-        }
+        const ringmaster::StressResult r = without_gil([&] { return ringmaster::run_stress(cfg); });
         py::dict d;
         d["ok"] = r.ok();
         d["expected"] = r.expected;
@@ -588,8 +633,7 @@ PYBIND11_MODULE(_queue, m) {
       [](py::handle samples, double idle_s) {
         const auto n = static_cast<std::uint32_t>(as_positive(samples.ptr(), "samples", 1000000));
         if (!(idle_s >= 0.0 && idle_s <= 1.0)) throw py::value_error("idle_s: must be in [0, 1]");
-        py::gil_scoped_release nogil;
-        return ringmaster::wakeup_latencies_us(n, idle_s);
+        return without_gil([&] { return ringmaster::wakeup_latencies_us(n, idle_s); });
       },
       py::arg("samples") = 200, py::arg("idle_s") = 0.002,
       "wakeup_latencies_us(samples=200, idle_s=0.002) -> list[float]\n\nMicroseconds from a push to a C++ "

@@ -29,6 +29,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_backend(backend: object) -> None:
+    """ValueError unless ``backend`` is None or one of ``BACKENDS``: for callers that take
+    a backend long before the first op that resolves it (an optimizer's constructor)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
 

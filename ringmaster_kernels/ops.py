@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from . import catalogue, reference
 from .backend import resolve_backend
 from .catalogue import FLOAT_DTYPES
-from .coefficients import Coefficients
+from .coefficients import Coefficients, schedule
 
 
 def _check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> float:
@@ -17,6 +18,18 @@ def _check_real(name: str, value: object, low: float | None = None, high: float 
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def check_newton_schulz(
+    steps: object, coefficients: object, eps: object, *, names: tuple[str, str, str] = ("steps", "coefficients", "eps")
+) -> None:
+    """TypeError/ValueError unless the Newton–Schulz settings are valid, naming the bad
+    one as ``names`` (steps, coefficients, eps) give it: callers check before any work."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{names[2]} must be a finite number >= 0, got {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{names[2]} must be a finite number >= 0, got {eps!r}")
+    schedule(coefficients, steps, steps_name=names[0], coefficients_name=names[1])  # type: ignore[arg-type]
 
 
 def _check_out(out: torch.Tensor | None, like: torch.Tensor) -> None:
@@ -69,8 +82,7 @@ def orthogonalize(
     """
     catalogue.check_float_tensor("G", G)
     _check_out(out, G)
-    if not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    check_newton_schulz(steps, coefficients, eps)
     _check_real("scale", scale)
     _check_real("beta", beta)
     if beta != 0.0 and out is None:
@@ -108,7 +120,35 @@ def _check_lists(spec, params, grads, momenta) -> list[torch.Tensor]:
         for name, t in (("params", x), ("momenta", m)):
             if not t.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be contiguous: it is updated in place")
+    _check_no_aliasing(params, grads, momenta)
     return [g.contiguous() for g in grads]
+
+
+def _check_no_aliasing(params, grads, momenta) -> None:
+    """ValueError when a tensor written in place (a param or a momentum) shares memory
+    with any other tensor of the call: a param listed twice would be stepped twice, a
+    param that is its own momentum (or gradient) would be overwritten mid-step.
+    Gradients may share memory with each other: they are only read."""
+    spans = []  # (start byte, end byte, written, label) of every non-empty tensor
+    for name, seq, written in (("params", params, True), ("momenta", momenta, True), ("grads", grads, False)):
+        for i, t in enumerate(seq):
+            if t.numel() == 0:
+                continue
+            last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # the farthest element
+            start = t.data_ptr()
+            spans.append((start, start + (last + 1) * t.element_size(), written, f"{name}[{i}]"))
+    spans.sort(key=lambda s: s[0])
+    reach_any = reach_written = (0, "")  # the farthest end so far, and whose
+    for start, end, written, label in spans:
+        if start < reach_written[0] or (written and start < reach_any[0]):
+            other = reach_written[1] if start < reach_written[0] else reach_any[1]
+            raise ValueError(
+                f"{label} and {other} share memory; lmo_step_ updates params and momenta in place, "
+                "so each must be a tensor of its own (and no gradient may alias them)"
+            )
+        reach_any = max(reach_any, (end, label))
+        if written:
+            reach_written = max(reach_written, (end, label))
 
 
 def lmo_step_(
@@ -164,6 +204,8 @@ def lmo_step_(
     weight_decay = _check_real("weight_decay", weight_decay)
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+    if norm == "spectral":  # before the momentum pass: nothing is written on bad settings
+        check_newton_schulz(opts["steps"], opts["coefficients"], opts["eps"])
     grads = _check_lists(spec, params, grads, momenta)
     live = [i for i, x in enumerate(params) if x.numel() > 0]
     if not live:

@@ -14,8 +14,11 @@ preallocated slots owned by the server, and the queue carries small records
     apply(pool[rec.slot]); q.release_slot(rec.slot); q.bump_version()
 
 ``GradientQueue(capacity: int, num_slots: int, num_workers: int)``; ``capacity``
-must be a power of two. Methods (``timeout`` in seconds; ``None`` waits forever,
-``0`` does not wait; every wait releases the GIL):
+must be a power of two in ``[1, 2**40]`` (1 works: a ring of one record), and the
+ring (64 B a cell, as is the slot pool's free ring of ``num_slots`` cells) must fit
+in physical memory. Methods (``timeout`` in seconds; ``None`` waits forever, ``0``
+does not wait, an int beyond the float range counts as forever; every wait releases
+the GIL, and no call spins with it held):
 
 - ``acquire_slot(timeout=None) -> int | None``, ``release_slot(slot)``
 - ``push(slot, worker, version, timeout=None) -> bool``, ``try_push(...) -> bool``
@@ -28,8 +31,11 @@ must be a power of two. Methods (``timeout`` in seconds; ``None`` waits forever,
   ``.numpy()``); it waits like ``pop_many(n, timeout)``, writes record ``i`` as
   ``out[i] = (slot, worker, version)``, leaves later rows alone and returns the count.
   Versions >= 2**63 read back negative from an int64 buffer (``out.view(numpy.uint64)``).
-- ``version`` (property), ``bump_version() -> int``, ``set_version(v)``
+- ``version`` (property), ``bump_version() -> int`` (``ValueError`` rather than wrap
+  past 2**64 - 1), ``set_version(v)``
 - ``close()``, ``closed``; ``stats() -> dict``; ``len(q)``, ``free_slots``
+
+Daemon threads may be waiting in any of these when the interpreter exits.
 
 After ``close()`` producers (``push``, ``try_push``, ``acquire_slot``) raise
 :class:`QueueClosed`; consumers get the records left, then :class:`QueueClosed`.

@@ -5,6 +5,8 @@ Keep them simple and obviously right; speed lives in ``kernels/``.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .coefficients import Coefficients, schedule
@@ -125,6 +127,8 @@ def _lmo_l2(X, radius):
 
 def _lmo_l1(X, radius):
     flat = X.flatten(-2) if X.dim() >= 2 else X
+    if flat.numel() == 0:  # argmax has nothing to pick from
+        return torch.zeros_like(X)
     j = flat.abs().argmax(dim=-1, keepdim=True)
     D = torch.zeros_like(flat).scatter_(-1, j, -radius * _sign(flat.gather(-1, j)))
     return D.view_as(X)
@@ -137,7 +141,7 @@ def _lmo_colnorm(X, radius):
 
 def _lmo_rownorm(X, radius):
     row = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
-    return X * (-radius / X.size(-1) ** 0.5 * safe_reciprocal(row))
+    return X * (-radius / _root(X.size(-1)) * safe_reciprocal(row))
 
 
 def _lmo_bias_rms(X, radius):
@@ -179,28 +183,51 @@ def lmo(
     return D.to(G.dtype)
 
 
+def _root(n: int) -> float:
+    """sqrt(n) for a unit's size factor; an empty unit (n = 0) has nothing to scale."""
+    return max(n, 1) ** 0.5
+
+
+def _amax(X: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """``X.amax(dim)``, but 0 over an empty unit (the norm of the zero-dimensional
+    space) where torch refuses an empty reduction."""
+    dims = (dim,) if isinstance(dim, int) else dim
+    if any(X.size(d) == 0 for d in dims):
+        return torch.zeros_like(X.sum(dim=dim))
+    return X.amax(dim=dim)
+
+
+def _singular(X: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """An SVD-based norm per matrix, NaN for a matrix holding NaN and inf for one
+    holding inf (LAPACK refuses non-finite input instead of propagating it)."""
+    has_nan = torch.isnan(X).any(-1).any(-1)
+    finite = torch.isfinite(X).all(-1).all(-1)
+    value = norm(torch.where(finite[..., None, None], X, torch.zeros_like(X)))
+    return torch.where(has_nan, torch.nan, torch.where(finite, value, torch.inf))
+
+
 def _nuclear(X):
-    return torch.linalg.matrix_norm(X, ord="nuc")
+    return _singular(X, lambda Y: torch.linalg.matrix_norm(Y, ord="nuc"))
 
 
 _DUAL = {
     "spectral": lambda X, s: s * _nuclear(X),
     "sign": lambda X, s: X.abs().sum(dim=_entry_dims(X)),
     "l2": lambda X, s: torch.linalg.vector_norm(X, dim=_entry_dims(X)),
-    "l1": lambda X, s: X.abs().amax(dim=_entry_dims(X)),
+    "l1": lambda X, s: _amax(X.abs(), _entry_dims(X)),
     "colnorm": lambda X, s: X.size(-2) ** 0.5 * torch.linalg.vector_norm(X, dim=-2).sum(-1),
-    "rownorm": lambda X, s: torch.linalg.vector_norm(X, dim=-1).sum(-1) / X.size(-1) ** 0.5,
+    "rownorm": lambda X, s: torch.linalg.vector_norm(X, dim=-1).sum(-1) / _root(X.size(-1)),
     "bias_rms": lambda X, s: X.size(-1) ** 0.5 * torch.linalg.vector_norm(X, dim=-1),
 }
 
 _PRIMAL = {
-    "spectral": lambda X, s: torch.linalg.matrix_norm(X, ord=2) / s,
-    "sign": lambda X, s: X.abs().amax(dim=_entry_dims(X)),
+    "spectral": lambda X, s: _singular(X, lambda Y: torch.linalg.matrix_norm(Y, ord=2)) / s,
+    "sign": lambda X, s: _amax(X.abs(), _entry_dims(X)),
     "l2": lambda X, s: torch.linalg.vector_norm(X, dim=_entry_dims(X)),
     "l1": lambda X, s: X.abs().sum(dim=_entry_dims(X)),
-    "colnorm": lambda X, s: torch.linalg.vector_norm(X, dim=-2).amax(-1) / X.size(-2) ** 0.5,
-    "rownorm": lambda X, s: X.size(-1) ** 0.5 * torch.linalg.vector_norm(X, dim=-1).amax(-1),
-    "bias_rms": lambda X, s: torch.linalg.vector_norm(X, dim=-1) / X.size(-1) ** 0.5,
+    "colnorm": lambda X, s: _amax(torch.linalg.vector_norm(X, dim=-2), -1) / _root(X.size(-2)),
+    "rownorm": lambda X, s: X.size(-1) ** 0.5 * _amax(torch.linalg.vector_norm(X, dim=-1), -1),
+    "bias_rms": lambda X, s: torch.linalg.vector_norm(X, dim=-1) / _root(X.size(-1)),
 }
 
 

@@ -301,6 +301,29 @@ def test_bad_input_names_the_argument():
         step([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], norm="spectral", **HYPER)
 
 
+def test_aliased_lists_are_refused_before_any_write():
+    """A param listed twice was stepped twice; a param as its own momentum (or
+    gradient) was overwritten mid-step. Disjoint views of one buffer are fine, and
+    gradients may share memory (they are only read)."""
+    xs, gs, ms = _state([(4, 5), (4, 5)], seed=11)
+    before = _clone(xs) + _clone(ms)
+    cases = [
+        ([xs[0], xs[0]], gs, ms, r"params\[1\] and params\[0\] share memory"),
+        ([xs[0]], [gs[0]], [xs[0]], r"momenta\[0\] and params\[0\] share memory"),
+        ([xs[0]], [xs[0]], [ms[0]], r"grads\[0\] and params\[0\] share memory"),
+        (xs, gs, [ms[0], ms[0]], r"momenta\[1\] and momenta\[0\] share memory"),
+    ]
+    flat = torch.zeros(40)
+    cases.append(([flat[:20].view(4, 5)], [gs[0]], [flat[10:30].view(4, 5)], r"momenta\[0\] and params\[0\]"))
+    for params, grads, momenta, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ops.lmo_step_(params, grads, momenta, norm="sign", **HYPER)
+    for t, b in zip(xs + ms, before):
+        assert torch.equal(t, b)  # nothing was written
+    ops.lmo_step_([flat[:20].view(4, 5)], [gs[0]], [flat[20:].view(4, 5)], norm="sign", **HYPER)
+    ops.lmo_step_(xs, [gs[0], gs[0]], ms, norm="sign", **HYPER)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", norms.KNOWN)
 def test_cuda_bf16_step(name):

@@ -391,6 +391,24 @@ def test_sharded_checkpoint_state_is_refused():
         opt.step()
 
 
+def test_load_state_dict_checks_the_stacked_muon_state():
+    """Muon groups keep (K, rows, cols) state under their first parameter: a state_dict
+    of that layout loads, a per-parameter or NaN one is refused at load time."""
+    model = FakeGPT()
+    opt = make_optimizer(model)
+    backward(model, 0)
+    opt.step()
+    good = opt.state_dict()
+    make_optimizer(FakeGPT()).load_state_dict(good)
+    gi = len(opt.param_groups) - 1
+    k = good["param_groups"][gi]["params"][0]
+    for bad, match in [(good["state"][k]["momentum_buffer"][0], "expected"),
+                       (torch.full_like(good["state"][k]["momentum_buffer"], float("nan")), "NaN or inf")]:
+        damaged = {**good, "state": {**good["state"], k: {**good["state"][k], "momentum_buffer": bad}}}
+        with pytest.raises(ValueError, match=match):
+            make_optimizer(FakeGPT()).load_state_dict(damaged)
+
+
 # ---------------------------------------------------------------- distributed
 def _rank_worker(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -276,6 +278,38 @@ def test_bad_input_raises_naming_the_argument(kwargs, error, word):
     args.update(kwargs)
     with pytest.raises(error, match=word):
         ops.orthogonalize(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(eps="x"), TypeError, "eps must be a finite number"),
+        (dict(eps=float("inf")), ValueError, "eps must be a finite number"),
+        (dict(coefficients={"a": 1}), TypeError, "coefficients must be one of"),
+        (dict(coefficients=5), TypeError, "coefficients must be one of"),
+        (dict(steps=1, coefficients=["123"]), TypeError, "coefficients must be one of"),  # not (1, 2, 3)
+        (dict(steps=1, coefficients=[{1.0, 2.0, 3.0}]), TypeError, "coefficients must be one of"),
+        (dict(steps=1, coefficients=[(1.0, 2.0, float("nan"))]), ValueError, r"coefficients\[0\] must be 3 finite"),
+        (dict(steps=2, coefficients=[QUINTIC, (1.0, float("-inf"), 0.0)]), ValueError, r"coefficients\[1\]"),
+        (dict(steps=1, coefficients=[(True, 2.0, 3.0)]), ValueError, r"coefficients\[0\]"),
+        (dict(steps=1, coefficients=[("1", 2.0, 3.0)]), ValueError, r"coefficients\[0\]"),
+        (dict(steps=10**12), ValueError, r"steps must be in \[0, 1000\]"),
+    ],
+)
+def test_bad_newton_schulz_settings_are_refused_before_any_work(kwargs, error, match):
+    """Strings, dicts, sets, NaN/inf coefficients and absurd step counts are named
+    errors; ["123"] was read as the triple (1, 2, 3) and steps=10**12 built a schedule
+    of 10**12 triples before failing."""
+    with pytest.raises(error, match=match):
+        ops.orthogonalize(torch.ones(4, 3), **kwargs)
+
+
+def test_explicit_coefficients_from_arrays_still_work():
+    G = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    triples = [QUINTIC, POLAR_EXPRESS[3]]
+    want = ops.orthogonalize(G, steps=2, coefficients=triples, backend="torch")
+    for given in (np.array(triples), torch.tensor(triples, dtype=torch.float64), tuple(map(list, triples))):
+        torch.testing.assert_close(ops.orthogonalize(G, steps=2, coefficients=given, backend="torch"), want)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -240,6 +240,35 @@ def test_dual_norm_shapes():
     assert norms.dual_norm(torch.randn(3, 4).half(), "rownorm").dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", norms.KNOWN)
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0), (0, 2, 3), (3, 0, 2)])
+def test_empty_units_give_zeros(name, shape):
+    """An empty unit has a zero LMO and zero norms (l1's argmax and sign/colnorm/rownorm's
+    amax used to raise IndexError on it, rownorm divided by sqrt(0))."""
+    G = torch.empty(shape)
+    if G.dim() < norms.get(name).min_dim:
+        return
+    out = norms.lmo(G, name)
+    assert out.shape == G.shape
+    for f in (norms.dual_norm, norms.primal_norm):
+        value = f(G, name)
+        assert torch.equal(value, torch.zeros_like(value)), (f.__name__, value)
+
+
+@pytest.mark.parametrize("f", [norms.dual_norm, norms.primal_norm])
+def test_spectral_norms_of_non_finite_matrices_are_nan_or_inf(f):
+    """SVD refuses NaN input with a LinAlgError; the norms give NaN for that matrix
+    (inf for one holding inf) and leave the other matrices of the batch alone."""
+    G = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))
+    G[1, 2, 0] = math.nan
+    G[2, 0, 1] = math.inf
+    G[3, 1, 1], G[3, 0, 0] = math.inf, math.nan
+    value = f(G, "spectral", scale="scion")
+    clean = f(G[[0]], "spectral", scale="scion")
+    assert value[0] == clean[0] and torch.isfinite(clean).all()
+    assert math.isnan(value[1]) and value[2] == math.inf and math.isnan(value[3])
+
+
 def test_bad_input_names_the_argument():
     G = torch.randn(4, 5)
     with pytest.raises(ValueError, match=r"norm must be one of .*'spectral'.*'bias_rms'"):

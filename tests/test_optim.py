@@ -406,6 +406,75 @@ def test_checkpoint_from_before_ns_dtype_loads_with_the_default():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def _trained_gluon(dim=3):
+    torch.manual_seed(0)
+    model = nn.Linear(dim, dim, bias=False)
+    opt = Gluon(model.parameters(), lr=0.02)
+    model(torch.randn(2, dim)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _refused(opt, state_dict, err, match):
+    """load_state_dict raises `err` and leaves the optimizer as it was."""
+    before = {k: v.clone() for k, v in next(iter(opt.state.values())).items()}
+    with pytest.raises(err, match=match):
+        opt.load_state_dict(state_dict)
+    after = next(iter(opt.state.values()))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_state_dict_refuses_damaged_or_foreign_state():
+    """Another model's shapes, a missing 'state', a non-tensor buffer and NaN/inf
+    momentum were all accepted (the NaN then reached the parameters)."""
+    model, opt = _trained_gluon()
+    good = opt.state_dict()
+    _, other = _trained_gluon(dim=4)
+    _refused(opt, other.state_dict(), ValueError, r"state\[0\]\['momentum_buffer'\].*shape \(4, 4\).*another model")
+    _refused(opt, {"param_groups": good["param_groups"]}, ValueError, r"lacks \['state'\]")
+    _refused(opt, [1, 2], TypeError, "must be a dict")
+    for bad, err, match in [
+        ([0.0] * 9, TypeError, "must be a tensor, got list"),
+        (torch.full((3, 3), math.nan), ValueError, "holds NaN or inf"),
+        (torch.full((3, 3), math.inf), ValueError, "holds NaN or inf"),
+    ]:
+        damaged = {**good, "state": {0: {"momentum_buffer": bad}}}
+        _refused(opt, damaged, err, match)
+    _refused(opt, {**good, "skipped_steps": -2}, ValueError, "skipped_steps")
+    fewer = {**good, "param_groups": [{**good["param_groups"][0], "params": []}]}
+    _refused(opt, fewer, ValueError, r"param_groups\[0\] holds 0 parameters")
+    opt.load_state_dict(good)  # the real one still loads
+
+
+def test_gluon_adamw_refuses_nan_and_out_of_range_adamw_options():
+    """Per-group AdamW values bypass torch.optim.AdamW's own checks: lr=nan turned the
+    parameters NaN at the first step; betas=(1.5, 2) and eps=-1 were accepted."""
+    for kwargs, match in [
+        (dict(adamw_lr=math.nan), "muon_groups: adamw_lr"),
+        (dict(adamw_betas=(1.5, 2)), r"muon_groups: adamw_betas\[0\]"),
+        (dict(adamw_betas=(0.9, 1.0)), r"muon_groups: adamw_betas\[1\]"),
+        (dict(adamw_eps=-1), "muon_groups: adamw_eps"),
+        (dict(adamw_weight_decay=math.inf), "muon_groups: adamw_weight_decay"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            muon_groups(TinyGPT(), **kwargs)
+    groups = muon_groups(TinyGPT())
+    (emb,) = [i for i, g in enumerate(groups) if g["role"] == "embedding"]
+    for key, value in [("lr", math.nan), ("betas", (0.9, math.nan)), ("eps", -1.0)]:
+        edited = muon_groups(TinyGPT())
+        edited[emb][key] = value
+        with pytest.raises(ValueError, match=rf"param_groups\[{emb}\]: {key}"):
+            GluonAdamW(edited)
+    model = TinyGPT()
+    opt = GluonAdamW(muon_groups(model))
+    opt.param_groups[emb]["lr"] = math.nan  # as a buggy scheduler would
+    before = [p.detach().clone() for p in model.parameters()]
+    gpt_loss(model, 0).backward()
+    with pytest.raises(ValueError, match=rf"param_groups\[{emb}\]: lr"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_scheduler_drives_both_kinds():
     torch.manual_seed(0)
     model = TinyGPT()
@@ -596,6 +665,15 @@ def test_sparse_grad_rejected_by_name():
         (dict(nonfinite="warn"), ValueError, "nonfinite"),
         (dict(ns_dtype="bf16"), TypeError, "ns_dtype"),
         (dict(ns_dtype=torch.int32), TypeError, "ns_dtype"),
+        # Newton–Schulz settings and the backend fail here, not at the first step
+        (dict(ns_steps=-1), ValueError, r"param_groups\[0\]: ns_steps must be in"),
+        (dict(ns_steps=10**12), ValueError, r"param_groups\[0\]: ns_steps must be in"),
+        (dict(ns_coefficients="cubic"), ValueError, r"param_groups\[0\]: ns_coefficients"),
+        (dict(ns_steps=1, ns_coefficients=["123"]), TypeError, r"param_groups\[0\]: ns_coefficients"),
+        (dict(ns_steps=1, ns_coefficients=[(1.0, math.nan, 0.0)]), ValueError, r"ns_coefficients\[0\]"),
+        (dict(norm_options={"steps": -2}), ValueError, r"norm_options\['steps'\] must be in"),
+        (dict(norm_options={"eps": "x"}), TypeError, r"norm_options\['eps'\]"),
+        (dict(backend="gpu"), ValueError, "backend must be None or one of"),
     ],
 )
 def test_bad_options(kwargs, err, match):
@@ -610,6 +688,8 @@ def test_bad_params_and_groups():
         Gluon([torch.ones(3, dtype=torch.int64)])
     with pytest.raises(ValueError, match="kind"):
         GluonAdamW([{"params": [nn.Parameter(torch.randn(2, 2))], "kind": "sgd"}])
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        GluonAdamW(muon_groups(TinyGPT()), backend="gpu")
     with pytest.raises(TypeError, match="nn.Module"):
         muon_groups([nn.Parameter(torch.randn(2, 2))])
     with pytest.raises(ValueError, match="head"):

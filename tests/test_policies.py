@@ -202,6 +202,41 @@ def test_bad_configuration_raises_naming_the_argument(kwargs, match):
         make_policy(method, [vec()], **kwargs)
 
 
+@pytest.mark.parametrize("group, err, match", [
+    (dict(radius=math.nan), ValueError, r"param_groups\[0\]\['radius'\] must be a finite number > 0"),
+    (dict(radius=-1.0), ValueError, r"param_groups\[0\]\['radius'\]"),
+    (dict(radius="1"), ValueError, r"param_groups\[0\]\['radius'\]"),
+    (dict(norm="l2", lmo_options={"scale": "muon"}), TypeError, r"lmo_options'\]: norm 'l2' got unexpected"),
+    (dict(lmo_options={"steps": -1}), ValueError, r"lmo_options'\]: steps must be in"),
+    (dict(lmo_options={"coefficients": "cubic"}), ValueError, r"lmo_options'\]: coefficients"),
+    (dict(lmo_options=["scale"]), TypeError, r"lmo_options'\] must be a dict"),
+    (dict(norm=None, lmo_options={"steps": 3}), ValueError, "norm None .* takes no options"),
+])
+def test_bad_groups_fail_at_construction_not_at_the_first_gradient(group, err, match):
+    with pytest.raises(err, match=match):
+        make_policy("ringmaster", [{"params": [torch.zeros(3, 4, dtype=torch.float64)], **group}],
+                    num_workers=2, lr=0.1)
+
+
+def test_sync_with_no_workers_names_num_workers():
+    with pytest.raises(ValueError, match="num_workers must be >= 1, got 0") as info:
+        make_policy("sync", [vec()], num_workers=0, lr=0.1)
+    assert "batch" not in str(info.value)
+
+
+def test_load_state_dict_refuses_negative_counters_and_changes_nothing():
+    a = make_policy("ringmaster", [vec()], num_workers=2, lr=0.1, norm="l2")
+    a.on_gradient(0, 0, grads(1)[0])
+    for key, bad in [("version", -5), ("accepted", -1), ("discarded", 1.5)]:
+        state = a.state_dict()
+        state["counters"][key] = bad
+        b = make_policy("ringmaster", [vec()], num_workers=2, lr=0.1, norm="l2")
+        with pytest.raises((ValueError, TypeError), match=rf"state\['counters'\]\['{key}'\]"):
+            b.load_state_dict(state)
+        assert b.counters() == {"version": 0, "accepted": 0, "discarded": 0}
+        assert b.rule.state_dict()["momentum_buffers"] == [None]
+
+
 def test_bad_arrivals_raise():
     pol = make_policy("ringmaster", [vec()], num_workers=2, lr=0.1, norm="l2")
     with pytest.raises(ValueError, match="worker"):

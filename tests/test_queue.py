@@ -4,6 +4,7 @@ from __future__ import annotations
 import _thread
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -90,9 +91,71 @@ def test_bad_push_and_release_arguments_name_the_argument():
     with pytest.raises(ValueError, match="slot"):
         q.release_slot(-1)
     q.release_slot(slot)
-    with pytest.raises(ValueError, match="double release"):
+    with pytest.raises(ValueError, match="is free: it was never acquired, or was already released"):
         q.release_slot(slot)
     assert q.free_slots == 3
+
+
+def test_out_of_range_sizes_report_their_real_range():
+    """A negative size reports the argument's own range, not [0, 2**64 - 1]."""
+    for args, name, bound in [
+        ((-8, 4, 1), "capacity", r"\[1, 2\*\*40\], got -8"),
+        ((8, -1, 1), "num_slots", r"\[1, 2\*\*31\], got -1"),
+        ((8, 4, -3), "num_workers", r"\[1, 2\*\*20\], got -3"),
+    ]:
+        with pytest.raises(ValueError, match=f"{name}: must be in {bound}") as info:
+            GradientQueue(*args)
+        assert "18446744073709551615" not in str(info.value)
+    q = GradientQueue(4, 3, 2)
+    with pytest.raises(ValueError, match=r"slot: must be in \[0, 2\], got -1"):
+        q.release_slot(-1)
+    with pytest.raises(ValueError, match=r"worker: must be in \[0, 1\], got -1"):
+        q.push(q.acquire_slot(), -1, 0)
+
+
+def test_releasing_a_never_acquired_slot_does_not_claim_a_double_release():
+    q = GradientQueue(4, 3, 1)
+    with pytest.raises(ValueError, match="slot 2 is free: it was never acquired") as info:
+        q.release_slot(2)
+    assert "double release" not in str(info.value)
+    assert q.free_slots == 3
+
+
+def test_capacity_is_bounded_by_physical_memory_with_a_message():
+    """A ring (64 B a cell) larger than the machine's memory is a ValueError naming
+    the argument and the sizes, not a bare MemoryError or the OOM killer."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    capacity = 1 << (memory // 64).bit_length()  # the smallest power of two over memory
+    assert capacity <= 2**40
+    with pytest.raises(ValueError, match=r"capacity: a ring of 2\*\*\d+ cells of 64 B needs \d+ MiB, more than"):
+        GradientQueue(capacity, 1, 1)
+    if 2**31 * 64 > memory:  # the slot pool's free ring holds num_slots cells as well
+        with pytest.raises(ValueError, match="num_slots: a ring of 2\\*\\*31 cells"):
+            GradientQueue(2, 2**31, 1)
+
+
+def test_bump_version_refuses_to_wrap():
+    q = GradientQueue(2, 1, 1)
+    q.set_version(U64_MAX - 1)
+    assert q.bump_version() == U64_MAX
+    with pytest.raises(ValueError, match="version: is 2\\*\\*64 - 1 and bump_version\\(\\) would wrap"):
+        q.bump_version()
+    assert q.version == U64_MAX
+    q.set_version(0)
+    assert q.bump_version() == 1
+
+
+def test_timeout_beyond_the_float_range():
+    """An int timeout too large for a float waits forever, like float('inf'); a
+    negative one is a ValueError naming timeout (it was an unnamed OverflowError)."""
+    q = GradientQueue(2, 2, 1)
+    filled(q, [(0, 7)])
+    assert q.pop(timeout=10**400).version == 7
+    filled(q, [(0, 8)])
+    assert q.pop(timeout=math.inf).version == 8
+    for call in (q.pop, q.acquire_slot, lambda timeout: q.pop_many(2, timeout=timeout)):
+        with pytest.raises(ValueError, match="timeout"):
+            call(timeout=-(10**400))
 
 
 def test_slot_misuse_is_caught_by_the_slot_state():
@@ -137,7 +200,7 @@ def test_every_slot_has_a_state_of_its_own(num_slots):
     for s in held:
         q.release_slot(s)
     for s in held:
-        with pytest.raises(ValueError, match=f"slot {s} is already free"):
+        with pytest.raises(ValueError, match=f"slot {s} is free"):
             q.release_slot(s)
     for s in queued:
         with pytest.raises(ValueError, match=f"slot {s} is still queued"):
@@ -533,6 +596,93 @@ def test_ctrl_c_interrupts_an_endless_wait():
     threading.Timer(0.2, _thread.interrupt_main).start()
     with pytest.raises(KeyboardInterrupt):
         q.pop()
+
+
+def _run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter; a hang fails the test instead of the suite."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def test_one_cell_ring_holds_one_record_and_never_overwrites():
+    """capacity=1 with several slots: a second push finds the ring full. (It used to
+    be accepted over the first record, and every pop then spun with the GIL held,
+    deaf to its timeout and to Ctrl-C; hence the subprocess.)"""
+    code = """
+from ringmaster_kernels.queue import GradientQueue
+q = GradientQueue(1, 2, 1)
+a, b = q.acquire_slot(), q.acquire_slot()
+assert q.try_push(a, 0, 1)
+assert not q.try_push(b, 0, 2) and not q.push(b, 0, 2, timeout=0.01)
+assert len(q) == 1 and q.pop(timeout=1) == (a, 0, 1)
+assert q.pop(timeout=0.01) is None
+for v in range(2, 50):  # many laps of the one cell
+    assert q.try_push(b, 0, v) and not q.try_push(a, 0, -1 + 2 * v)
+    assert q.pop_many(4, timeout=1) == [(b, 0, v)]
+s = q.stats()
+assert (s["pushed"], s["popped"], s["queued"]) == (49, 49, 0), s
+print("ok")
+"""
+    result = _run_python(code, timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(producers=2, capacity=1, num_slots=8),
+        dict(producers=3, consumers=2, capacity=1, num_slots=4, batch=4),
+        dict(producers=2, capacity=1, num_slots=8, max_delay=2),
+    ],
+)
+def test_cpp_stress_through_a_one_cell_ring(kwargs):
+    """The C++ threads' view of the same defect: stress(capacity=1, num_slots=8)
+    never returned. In a subprocess, so that a regression fails instead of hanging."""
+    code = (
+        "from ringmaster_kernels.queue import stress\n"
+        f"r = stress(records_per_producer=20000, **{kwargs!r})\n"
+        "assert r['ok'], r\nprint('ok')\n"
+    )
+    result = _run_python(code, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+_BLOCKED_AT_EXIT = """
+import sys, threading, time
+from ringmaster_kernels.queue import GradientQueue
+mode, threads = sys.argv[1], int(sys.argv[2])
+q = GradientQueue(2, 3, 1)
+if mode == "acquire_slot":
+    [q.acquire_slot() for _ in range(3)]
+    call = lambda: q.acquire_slot(timeout=0.001)
+elif mode == "push":
+    q.push(q.acquire_slot(), 0, 0); q.push(q.acquire_slot(), 0, 1)
+    slot = q.acquire_slot()
+    call = lambda: q.push(slot, 0, 2, timeout=0.001)  # the ring is full: waits, then False
+else:
+    call = {"pop": lambda: q.pop(timeout=0.001), "pop_many": lambda: q.pop_many(4, timeout=0.001),
+            "forever": q.pop}[mode]
+def loop():
+    while True:
+        call()
+for _ in range(threads):
+    threading.Thread(target=loop, daemon=True).start()
+time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize(
+    "mode, threads", [("pop", 1), ("pop", 16), ("pop_many", 4), ("acquire_slot", 4), ("push", 4), ("forever", 4)]
+)
+def test_daemon_threads_waiting_in_the_queue_do_not_abort_interpreter_exit(mode, threads):
+    """Daemon threads that take the GIL back while the interpreter shuts down are
+    ended by pthread_exit; its forced unwind used to meet a noexcept frame and
+    abort the process (rc 134, "terminate called without an active exception").
+    Short timeouts keep the threads retaking the GIL, so exit always races them."""
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", _BLOCKED_AT_EXIT, mode, str(threads)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 # ---- threads ---------------------------------------------------------------------

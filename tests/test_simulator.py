@@ -352,6 +352,20 @@ def test_simulate_rejects_mismatched_workers_and_bad_horizon():
         simulate(pol, obj, fixed_times(1.0, 2.0, 3.0), horizon=float("nan"))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(horizon=True), "horizon must be a finite number > 0, got True"),
+    (dict(seed=None), "seed must be an int >= 0, got None"),  # was silently non-deterministic
+    (dict(seed=-1), "seed must be an int >= 0, got -1"),
+    (dict(seed=1.5), "seed must be an int"),
+    (dict(max_events=-1), "max_events must be None or an int >= 1, got -1"),  # was an empty trace
+    (dict(max_events=0), "max_events must be None or an int >= 1"),
+])
+def test_simulate_names_a_bad_horizon_seed_or_max_events(kwargs, match):
+    pol, obj = quad_policy("async", 2, lr=0.01)
+    with pytest.raises(ValueError, match=match):
+        simulate(pol, obj, fixed_times(1.0, 2.0), **{"horizon": 5.0, **kwargs})
+
+
 def test_cli_quadratic_json(capsys):
     rc = main(["simulate", "quadratic", "--workers", "24", "--dim", "16", "--horizon", "40", "--json", "--target", "1e-2"])
     assert rc == 0

@@ -5,7 +5,8 @@
 // Rings follow the ticket/sequence-number design (Vyukov bounded MPMC): every cell
 // carries a sequence number that tells producers and consumers whose turn it is, so
 // the fast path of a push or a pop is one CAS on the shared position plus one store
-// to the cell. Cells and positions sit on their own cache lines.
+// to the cell. Cells and positions sit on their own cache lines. The sequence counts
+// half-turns (see Ring), so that a ring of one cell works as well.
 //
 // A batched pop (pop_many) claims every ready record with a single CAS.
 //
@@ -39,6 +40,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -67,6 +70,31 @@ class InvalidArgument : public std::invalid_argument {
   InvalidArgument(const std::string& argument, const std::string& problem)
       : std::invalid_argument(argument + ": " + problem) {}
 };
+
+// An allocation sized by an argument failed; the message names it. (Maps to MemoryError.)
+class OutOfMemory : public std::runtime_error {
+ public:
+  OutOfMemory(const std::string& argument, const std::string& problem)
+      : std::runtime_error(argument + ": " + problem) {}
+};
+
+// Bytes of physical memory (0 if unknown).
+inline std::uint64_t physical_memory_bytes() noexcept {
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page_size = ::sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page_size > 0 ? std::uint64_t(pages) * std::uint64_t(page_size) : 0;
+}
+
+// "2**k" for powers of two, "2**k - 1" just below one, else the decimal value:
+// ranges up to 2**64 - 1 read better that way than as 20 digits.
+inline std::string bound_text(std::uint64_t v) {
+  for (unsigned k = 10; k < 64; ++k) {
+    if (v == std::uint64_t{1} << k) return "2**" + std::to_string(k);
+    if (v == (std::uint64_t{1} << k) - 1) return "2**" + std::to_string(k) + " - 1";
+  }
+  if (v == ~std::uint64_t{0}) return "2**64 - 1";
+  return std::to_string(v);
+}
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -206,13 +234,25 @@ inline bool is_power_of_two(std::uint64_t x) noexcept { return x != 0 && (x & (x
 // flag, so closing and claiming a position are ordered by the same atomic word:
 // after close() no push can succeed, and a consumer that finds the ring empty with
 // head == tail knows that nothing is in flight.
+//
+// A cell's sequence is 2 * pos when it is free for the producer of position pos and
+// 2 * pos + 1 once that producer published. Vyukov's original uses pos and pos + 1,
+// and a consumed cell is then free for pos + capacity: with one cell that equals
+// "published at pos", so a second push overwrote the first record and every pop
+// spun on a cell that could never match (with the GIL held, freezing Python).
+// Doubling keeps the two states apart for every capacity, at the cost of a shift.
 template <class T>
 class Ring {
  public:
   enum class Status { kOk, kEmpty, kFull, kClosed };
 
-  explicit Ring(std::uint64_t capacity) : mask_(checked(capacity) - 1), cells_(new Cell[capacity]) {
-    for (std::uint64_t i = 0; i < capacity; ++i) cells_[i].seq.store(i, std::memory_order_relaxed);
+  static constexpr std::uint64_t kMaxCapacity = std::uint64_t{1} << 40;
+  static constexpr std::uint64_t kCellBytes = kCacheLine;
+
+  // `argument` names the user's argument the capacity comes from, for messages.
+  Ring(std::uint64_t capacity, const char* argument)
+      : mask_(checked(capacity) - 1), cells_(allocate(capacity, argument)) {
+    for (std::uint64_t i = 0; i < capacity; ++i) cells_[i].seq.store(free_at(i), std::memory_order_relaxed);
   }
 
   std::uint64_t capacity() const noexcept { return mask_ + 1; }
@@ -224,12 +264,12 @@ class Ring {
       if (pos & kClosedBit) return Status::kClosed;
       Cell& cell = cells_[pos & mask_];
       const std::uint64_t seq = cell.seq.load(std::memory_order_seq_cst);
-      const auto dif = static_cast<std::int64_t>(seq - pos);
+      const auto dif = static_cast<std::int64_t>(seq - free_at(pos));
       if (dif == 0) {
         if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
           cell.value = value;
           // seq_cst, not release: pairs with Waiter (see there).
-          cell.seq.store(pos + 1, std::memory_order_seq_cst);
+          cell.seq.store(published_at(pos), std::memory_order_seq_cst);
           return Status::kOk;
         }
       } else if (dif < 0) {
@@ -253,20 +293,20 @@ class Ring {
     for (;;) {
       // seq_cst loads pair with Waiter (see there); they cost nothing extra on x86.
       const std::uint64_t seq = cells_[pos & mask_].seq.load(std::memory_order_seq_cst);
-      const auto dif = static_cast<std::int64_t>(seq - (pos + 1));
+      const auto dif = static_cast<std::int64_t>(seq - published_at(pos));
       if (dif == 0) {
-        // A lap later the cell would read pos + capacity + 1, never pos + k + 1,
-        // so the scan stops within one lap.
+        // A lap later the cell would read published_at(pos + capacity), never
+        // published_at(pos + k) for k < capacity, so the scan stops within one lap.
         std::size_t ready = 1;
-        while (ready < max_n &&
-               cells_[(pos + ready) & mask_].seq.load(std::memory_order_seq_cst) == pos + ready + 1) {
+        while (ready < max_n && cells_[(pos + ready) & mask_].seq.load(std::memory_order_seq_cst) ==
+                                    published_at(pos + ready)) {
           ++ready;
         }
         if (head_.compare_exchange_weak(pos, pos + ready, std::memory_order_relaxed)) {
           for (std::size_t i = 0; i < ready; ++i) {
             Cell& cell = cells_[(pos + i) & mask_];
             out[i] = cell.value;
-            cell.seq.store(pos + i + mask_ + 1, std::memory_order_release);
+            cell.seq.store(free_at(pos + i + mask_ + 1), std::memory_order_release);
           }
           // Orders the stores above before the caller's check for producers asleep
           // on a full ring (Waiter's store/load pairing, one fence per batch).
@@ -318,8 +358,12 @@ class Ring {
 
  private:
   static constexpr std::uint64_t kClosedBit = std::uint64_t{1} << 63;
+  // Sequence values (see the class comment); they wrap like the positions, and only
+  // their differences, well below 2**63, are compared.
+  static constexpr std::uint64_t free_at(std::uint64_t pos) noexcept { return pos << 1; }
+  static constexpr std::uint64_t published_at(std::uint64_t pos) noexcept { return (pos << 1) | 1; }
   static std::uint64_t checked(std::uint64_t capacity) {
-    if (!is_power_of_two(capacity) || capacity > (std::uint64_t{1} << 40)) {
+    if (!is_power_of_two(capacity) || capacity > kMaxCapacity) {
       throw InvalidArgument("capacity", "must be a power of two in [1, 2**40], got " +
                                             std::to_string(capacity));
     }
@@ -329,6 +373,25 @@ class Ring {
     std::atomic<std::uint64_t> seq;
     T value;
   };
+  static_assert(sizeof(Cell) == kCellBytes, "a cell is one cache line");
+  // The constructor writes every cell, so a ring larger than physical memory could
+  // only end in swapping or the OOM killer: it is refused upfront, and a failed
+  // allocation below that bound says which argument asked for it.
+  static Cell* allocate(std::uint64_t capacity, const char* argument) {
+    const std::uint64_t bytes = capacity * kCellBytes;
+    const std::uint64_t memory = physical_memory_bytes();
+    const std::string need = "a ring of " + bound_text(capacity) + " cells of " + std::to_string(kCellBytes) +
+                             " B needs " + std::to_string(bytes >> 20) + " MiB";
+    if (memory != 0 && bytes > memory) {
+      throw InvalidArgument(argument, need + ", more than this machine's " + std::to_string(memory >> 20) +
+                                          " MiB of memory");
+    }
+    try {
+      return new Cell[capacity];
+    } catch (const std::bad_alloc&) {
+      throw OutOfMemory(argument, need + " and that allocation failed");
+    }
+  }
   const std::uint64_t mask_;
   std::unique_ptr<Cell[]> cells_;
   alignas(kCacheLine) std::atomic<std::uint64_t> tail_{0};
@@ -357,9 +420,14 @@ struct QueueStats {
 // Invariant when quiescent: pushed == popped + discarded + size().
 class GradientQueue {
  public:
+  static constexpr std::uint64_t kMaxCapacity = Ring<Record>::kMaxCapacity;
+  static constexpr std::uint64_t kMaxSlots = std::uint64_t{1} << 31;
+  static constexpr std::uint64_t kMaxWorkers = std::uint64_t{1} << 20;
+  static constexpr std::uint64_t kMaxVersion = ~std::uint64_t{0};
+
   GradientQueue(std::uint64_t capacity, std::uint64_t num_slots, std::uint64_t num_workers)
-      : records_(capacity),
-        free_(free_capacity(num_slots)),
+      : records_(capacity, "capacity"),
+        free_(free_capacity(num_slots), "num_slots"),
         num_slots_(static_cast<std::uint32_t>(num_slots)),
         state_shift_(state_line_shift(num_slots)),
         slot_state_(new std::atomic<std::uint8_t>[kCacheLine << state_shift_]),
@@ -399,25 +467,37 @@ class GradientQueue {
   // record was popped. Allowed after close(), so a draining server can recycle what
   // it pops.
   void release_slot(std::uint32_t slot) {
+    begin_release(slot);
+    while (!try_finish_release(slot)) std::this_thread::yield();
+  }
+
+  // release_slot in two halves, for callers that must not wait long in the second
+  // (the Python bindings hold the GIL in the first try). begin_release checks the
+  // slot and marks it free, or throws; then try_finish_release is called until it
+  // returns true.
+  void begin_release(std::uint32_t slot) {
     check_slot(slot);
     std::uint8_t state = kInUse;
     if (!state_of(slot).compare_exchange_strong(state, kFree, std::memory_order_acq_rel)) {
       throw InvalidArgument("slot", "slot " + std::to_string(slot) +
-                                        (state == kFree ? " is already free (double release)"
+                                        (state == kFree ? " is free: it was never acquired, or was already released"
                                                         : " is still queued: pop its record before releasing it"));
     }
-    // Each slot is in the free ring at most once and the ring holds num_slots, so
-    // "full" only means that an acquire_slot() one lap behind has claimed this cell
-    // and not yet handed it back; it will within a few instructions unless its
-    // thread was preempted, hence the yield.
-    for (int tries = 0; free_.try_push(slot) != Ring<std::uint32_t>::Status::kOk; ++tries) {
-      if (tries < kSpinIterations) {
-        cpu_relax();
-      } else {
-        std::this_thread::yield();
+  }
+  // Each slot is in the free ring at most once and the ring holds num_slots, so
+  // "full" only means that an acquire_slot() one lap behind has claimed this cell
+  // and not yet handed it back; it will within a few instructions unless its
+  // thread was preempted. Hence a short spin here, and the caller yields (or lets
+  // go of the GIL) between calls.
+  bool try_finish_release(std::uint32_t slot) noexcept {
+    for (int i = 0; i < kSpinIterations; ++i) {
+      if (free_.try_push(slot) == Ring<std::uint32_t>::Status::kOk) {
+        slots_waiter_.notify_all();
+        return true;
       }
+      cpu_relax();
     }
-    slots_waiter_.notify_all();
+    return false;
   }
 
   // ---- producers -------------------------------------------------------------
@@ -484,7 +564,17 @@ class GradientQueue {
   // ---- model version ---------------------------------------------------------
 
   std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
-  std::uint64_t bump_version() noexcept { return version_.fetch_add(1, std::memory_order_acq_rel) + 1; }
+  // Refuses to wrap: after 2**64 - 1 every record would look like one from the future.
+  std::uint64_t bump_version() {
+    std::uint64_t v = version_.load(std::memory_order_relaxed);
+    do {
+      if (v == kMaxVersion) {
+        throw InvalidArgument("version", "is 2**64 - 1 and bump_version() would wrap it to 0; "
+                                         "set_version() to a smaller one first");
+      }
+    } while (!version_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_relaxed));
+    return v + 1;
+  }
   void set_version(std::uint64_t v) noexcept { version_.store(v, std::memory_order_release); }
   // Records from the future (after set_version went backwards) count as delay 0.
   std::uint64_t delay_of(const Record& record) const noexcept {
@@ -524,7 +614,6 @@ class GradientQueue {
   static constexpr std::uint8_t kFree = 0;
   static constexpr std::uint8_t kInUse = 1;
   static constexpr std::uint8_t kQueued = 2;
-  static constexpr std::uint64_t kMaxSlots = std::uint64_t{1} << 31;
 
   struct alignas(kCacheLine) PaddedCounter {
     std::atomic<std::uint64_t> value{0};
@@ -565,7 +654,7 @@ class GradientQueue {
     return slot_state_[(slot & mask) * kCacheLine + (slot >> state_shift_)];
   }
   static std::uint32_t checked_workers(std::uint64_t num_workers) {
-    if (num_workers == 0 || num_workers > (std::uint64_t{1} << 20)) {
+    if (num_workers == 0 || num_workers > kMaxWorkers) {
       throw InvalidArgument("num_workers", "must be in [1, 2**20], got " + std::to_string(num_workers));
     }
     return static_cast<std::uint32_t>(num_workers);

@@ -256,6 +256,18 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
         for i, x in zip(live, X):
             params[i].copy_(x.view_as(params[i]))
 
+    def _state_shape(self, group: dict[str, Any], p: torch.Tensor, key: str) -> tuple[int, ...] | None:
+        """Muon groups keep (K, rows, cols) buffers under their first parameter (see
+        _group_state); the AdamW groups' are per parameter."""
+        if group.get("kind") != "muon":
+            return super()._state_shape(group, p, key)
+        k, (rows, cols) = len(group["params"]), matrix_shape(p.shape)
+        if key == MOMENTUM:
+            return (k, rows, cols)
+        if key == SECOND:
+            return (k, rows, 1) if rows >= cols else (k, 1, cols)
+        return None
+
     def _group_state(self, params: list[torch.Tensor], rows: int, cols: int, second: bool, where: str) -> dict[str, Any]:
         """The group's stacked fp32 buffers, kept (as NanoChat does) under its first parameter."""
         p0, k = params[0], len(params)

@@ -24,11 +24,12 @@ import inspect
 import math
 from collections import defaultdict
 from itertools import chain
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from .. import norms, ops
+from ..backend import check_backend
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 MOMENTUM = "momentum_buffer"  # fp32 for every parameter dtype, as ops.lmo_step_ requires
@@ -38,6 +39,8 @@ SKIPPED = "skipped_steps"
 # What torch.optim.Optimizer sets on an instance and rebuilds itself after unpickling: its
 # hook dicts and an LR scheduler's step wrapper (a closure over the original optimizer).
 _TORCH_INSTANCE_ATTRS = ("step", "_opt_called", "_zero_grad_profile_name")
+# Per-parameter state that must be a tensor of the parameter's shape (Gluon's and AdamW's).
+_BUFFERS = (MOMENTUM, "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 # Group keys that feed a norm option when the catalogue entry declares it.
 _NS_KEYS = {"ns_steps": "steps", "ns_coefficients": "coefficients", "ns_dtype": "compute_dtype"}
@@ -111,6 +114,10 @@ class LMOStateMixin:
         return False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """``torch.optim`` loading, after checks that name what is wrong: the structure,
+        group sizes, and every buffer (a tensor of its parameter's shape, finite), so
+        a state_dict of another model or a damaged one is refused before anything changes."""
+        self._check_loadable(state_dict)
         state_dict = dict(state_dict)
         legacy_skipped = int(state_dict.pop(SKIPPED, 0))  # saved before the count moved into the groups
         saved = {k: v[MOMENTUM] for k, v in state_dict["state"].items() if isinstance(v, dict) and MOMENTUM in v}
@@ -126,6 +133,58 @@ class LMOStateMixin:
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()
                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and k not in _TORCH_INSTANCE_ATTRS}
+
+    def _state_shape(self, group: dict[str, Any], p: torch.Tensor, key: str) -> tuple[int, ...] | None:
+        """The shape ``state[p][key]`` must have (None: not checked); per-parameter
+        buffers by default, overridden where a group keeps its state stacked."""
+        return tuple(p.shape)
+
+    def _check_loadable(self, state_dict: Any) -> None:
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{owner}: state_dict must be a dict from state_dict(), got {type(state_dict).__name__}")
+        missing = sorted({"state", "param_groups"} - set(state_dict))
+        if missing:
+            raise ValueError(f"{owner}: state_dict lacks {missing} (is it an optimizer's state_dict()?)")
+        state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"{owner}: skipped_steps must be an int >= 0, got {skipped!r}")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{owner}: state must be a dict, got {type(state).__name__}")
+        groups = self.param_groups  # type: ignore[attr-defined]
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups
+        ):
+            raise TypeError(f"{owner}: param_groups must be a list of dicts with 'params'")
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"{owner}: state_dict has {len(saved_groups)} param groups, this optimizer {len(groups)}")
+        for gi, (saved, group) in enumerate(zip(saved_groups, groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{owner}: param_groups[{gi}] holds {len(saved['params'])} parameters in the state_dict, "
+                    f"{len(group['params'])} here"
+                )
+            for pi, (k, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = state.get(k)
+                if entry is None:
+                    continue
+                if not isinstance(entry, Mapping):
+                    raise TypeError(f"{owner}: state[{k!r}] must be a dict, got {type(entry).__name__}")
+                for key, value in entry.items():
+                    where = f"{owner}: state[{k!r}][{key!r}] (for {_label(group, gi, pi, p)})"
+                    if key in _BUFFERS and not isinstance(value, torch.Tensor):
+                        raise TypeError(f"{where} must be a tensor, got {type(value).__name__}")
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    expected = self._state_shape(group, p, key)
+                    if value.dim() > 0 and expected is not None and tuple(value.shape) != tuple(expected):
+                        raise ValueError(
+                            f"{where} has shape {tuple(value.shape)}, expected {tuple(expected)}; "
+                            "a state_dict of another model?"
+                        )
+                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"{where} holds NaN or inf")
 
 
 def _extremes(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -226,6 +285,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         maximize: bool = False,
     ) -> None:
         self._init_guard(nonfinite)
+        check_backend(backend)
         self.backend = backend
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, norm=norm, radius=radius,
@@ -350,7 +410,13 @@ def _check_group(group: dict[str, Any], gi: int) -> None:
         spec = norms.get(group["norm"])
         if group["norm_options"] is not None and not isinstance(group["norm_options"], dict):
             raise TypeError(f"norm_options must be a dict or None, got {type(group['norm_options']).__name__}")
-        norms.resolve_options(spec, norm_options(group))
+        opts = norms.resolve_options(spec, norm_options(group))
+        if "steps" in spec.options:
+            # Named as the user set them: a group key, or an entry of norm_options.
+            given = group["norm_options"] or {}
+            keys = {"steps": "ns_steps", "coefficients": "ns_coefficients", "eps": None}
+            names = tuple(f"norm_options[{k!r}]" if k in given or keys[k] is None else keys[k] for k in keys)
+            ops.check_newton_schulz(opts["steps"], opts["coefficients"], opts["eps"], names=names)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where}: {exc}") from None
     for pi, p in enumerate(group["params"]):

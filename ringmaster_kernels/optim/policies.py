@@ -209,8 +209,10 @@ class Policy:
         """Restore what :meth:`state_dict` saved; the policy must have been built the same way."""
         if state.get("name") != self.name:
             raise ValueError(f"state is for policy {state.get('name')!r}, this is {self.name!r}")
-        self.rule.load_state_dict(state["rule"])
         counters = state["counters"]
+        for key in ("version", "accepted", "discarded"):  # checked before anything changes
+            _check_int(counters[key], f"state['counters'][{key!r}]", minimum=0)
+        self.rule.load_state_dict(state["rule"])
         self.version, self.accepted, self.discarded = counters["version"], counters["accepted"], counters["discarded"]
 
 
@@ -416,6 +418,7 @@ def make_policy(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    _check_int(num_workers, "num_workers")  # before sync turns it into its batch
     cls, fixed, allowed = METHODS[method]
     if isinstance(params, (torch.optim.Optimizer, UpdateRule)):
         if method == "ringmaster_asgd":

@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..backend import check_backend
 from .composite import CompositeMixin
-from .gluon import Gluon, _closure_loss, _collect_grads, matrix_shape
+from .gluon import Gluon, _check_number, _closure_loss, _collect_grads, matrix_shape
 
 ROLES = ("hidden", "embedding", "head", "vector")
 KINDS = ("gluon", "adamw")
@@ -72,6 +73,23 @@ def _group(role: str, kind: str, pairs: list[tuple[str, nn.Parameter]], **option
             "role": role, "kind": kind, **options}
 
 
+def _real(value: Any) -> Any:
+    """A 1-element tensor (a scheduler's or capturable lr/beta) as a float, for checking."""
+    return float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def _check_adamw(where: str, lr: Any, betas: Any, eps: Any, weight_decay: Any, prefix: str = "") -> None:
+    """ValueError naming the option unless AdamW's are sane: torch.optim.AdamW checks only
+    its defaults, so a group's lr=nan, betas=(1.5, 2) or eps=-1 would reach the step."""
+    _check_number(where, f"{prefix}lr", _real(lr))
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: {prefix}betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
+    for k, beta in enumerate(betas):
+        _check_number(where, f"{prefix}betas[{k}]", _real(beta), high=1.0)
+    _check_number(where, f"{prefix}eps", eps)
+    _check_number(where, f"{prefix}weight_decay", weight_decay)
+
+
 def _apply_overrides(groups: list[dict[str, Any]], overrides: Mapping[str, Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     if overrides is None:
         return groups
@@ -117,6 +135,7 @@ def muon_groups(
     bf16 on CUDA, fp32 on CPU; ``torch.bfloat16`` is ``torch.optim.Muon``'s math on every
     device). Pass the result to :class:`GluonAdamW`.
     """
+    _check_adamw("muon_groups", adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, prefix="adamw_")
     roles = _classify(model, head)
     groups = []
     if roles["hidden"]:
@@ -212,6 +231,7 @@ class GluonAdamW(CompositeMixin, torch.optim.Optimizer):
         backend: str | None = "auto",
     ) -> None:
         self._init_guard(nonfinite)
+        check_backend(backend)
         self._fused_adamw = fused_adamw
         self._backend = backend
         self._inner: dict[str, torch.optim.Optimizer] = {}
@@ -223,10 +243,29 @@ class GluonAdamW(CompositeMixin, torch.optim.Optimizer):
             return Gluon([group], nonfinite="ignore", backend=self._backend)
         return torch.optim.AdamW([group], fused=self._fused_adamw)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group of either kind (see :class:`CompositeMixin`); an AdamW group's lr, betas,
+        eps and weight decay are checked once AdamW has filled in its defaults."""
+        super().add_param_group(param_group)
+        if param_group.get("kind") != "adamw":
+            return
+        g = param_group
+        try:
+            _check_adamw(f"param_groups[{len(self.param_groups) - 1}]", g["lr"], g["betas"], g["eps"], g["weight_decay"])
+        except (TypeError, ValueError):
+            self.param_groups.remove(g)
+            self._inner["adamw"].param_groups.remove(g)
+            raise
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Step both kinds once; returns ``closure()``'s loss."""
         loss = _closure_loss(closure)
+        # Gluon checks its groups each step; AdamW's too, since a scheduler or an edit
+        # may have set them after construction.
+        for i, g in enumerate(self.param_groups):
+            if g["kind"] == "adamw":
+                _check_adamw(f"param_groups[{i}]", g["lr"], g["betas"], g["eps"], g["weight_decay"])
         if self._grads_ok(_collect_grads(self.param_groups, type(self).__name__)):
             for kind in KINDS:
                 self._step_inner(kind)

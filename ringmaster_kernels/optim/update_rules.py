@@ -71,6 +71,23 @@ def check_grads(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -
             raise ValueError(f"grad {i} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
 
 
+def _check_lmo_options(group: dict, where: str) -> None:
+    """The options must suit the group's norm (and Newton–Schulz's settings be valid),
+    checked when the rule is built rather than at the first gradient."""
+    options = group["lmo_options"]
+    if group["norm"] is None:
+        if options:
+            raise ValueError(f"{where}: norm None (the raw step) takes no options, got {sorted(options)}")
+        return
+    try:
+        spec = norms.get(group["norm"])
+        resolved = norms.resolve_options(spec, options)
+        if "steps" in spec.options:
+            ops.check_newton_schulz(resolved["steps"], resolved["coefficients"], resolved["eps"])
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+
+
 class LMOMomentum:
     """The built-in rule: ``m <- beta m + (1 - beta) g``, ``x <- x + lr * lmo(u)`` per group.
 
@@ -129,15 +146,24 @@ class LMOMomentum:
             for t in tensors:
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                     raise TypeError(f"param group {i}: params must be floating torch tensors")
+            group_radius = raw.get("radius", radius)
+            if isinstance(group_radius, bool) or not (
+                isinstance(group_radius, (int, float)) and math.isfinite(group_radius) and group_radius > 0
+            ):
+                raise ValueError(f"param_groups[{i}]['radius'] must be a finite number > 0, got {group_radius!r}")
+            options = raw.get("lmo_options", {})
+            if not isinstance(options, dict):
+                raise TypeError(f"param_groups[{i}]['lmo_options'] must be a dict, got {type(options).__name__}")
             group = {
                 "params": tensors,
                 "norm": raw.get("norm", norm),
-                "radius": float(raw.get("radius", radius)),
+                "radius": float(group_radius),
                 "lr": check_lr(raw.get("lr", self.lr), f"param_groups[{i}]['lr']"),
-                "lmo_options": dict(raw.get("lmo_options", {})),
+                "lmo_options": dict(options),
             }
             if group["norm"] is not None and group["norm"] not in norms.NORMS:
                 raise ValueError(f"param_groups[{i}]['norm'] must be one of {tuple(norms.NORMS)} or None, got {group['norm']!r}")
+            _check_lmo_options(group, f"param_groups[{i}]['lmo_options']")
             groups.append(group)
         return groups
 

@@ -113,9 +113,9 @@ class Simulation:
         objective: supplies gradients (``gradient(params, rng, worker)``) and the metric.
         time_model: per-worker compute times.
         horizon: virtual time at which to stop (> 0).
-        seed: the run's only source of randomness.
+        seed: an int >= 0, the run's only source of randomness.
         record_every: measure the metric after every this many updates (>= 1).
-        max_events: stop after this many arrivals (``None``: no limit).
+        max_events: stop after this many arrivals (>= 1; ``None``: no limit).
         stop_at: stop as soon as a measured metric is ``<= stop_at`` (``None``: never).
         progress: called with the current virtual time now and then (e.g. a tqdm update).
 
@@ -143,10 +143,17 @@ class Simulation:
         n = time_model.num_workers
         if policy.num_workers != n:
             raise ValueError(f"policy.num_workers ({policy.num_workers}) must equal the time model's workers ({n})")
-        if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
+        if isinstance(horizon, bool) or not (
+            isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0
+        ):
             raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
         if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
             raise ValueError(f"record_every must be an int >= 1, got {record_every!r}")
+        # None would draw fresh OS entropy: a run that silently differs every time.
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if max_events is not None and (isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1):
+            raise ValueError(f"max_events must be None or an int >= 1, got {max_events!r}")
         self.policy, self.objective, self.time_model = policy, objective, time_model
         self.horizon, self.record_every, self.max_events = float(horizon), record_every, max_events
         self.stop_at, self.progress = stop_at, progress
