@@ -482,3 +482,53 @@ def test_sigterm_stops_cleanly_with_a_final_checkpoint(tmp_path):
     assert out.split()[:2] == ["stopped", "terminated"] and int(out.split()[2]) > 0
     state = torch.load(path, weights_only=True)
     assert state["policy"]["counters"]["version"] == int(out.split()[2])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--methods", "ringmaster,Sync"], "--methods"),
+    (["train", "--methods", "ringmaster,bogus"], "--methods"),
+    (["train", "--methods", "sync,sync"], "--methods"),
+    (["train", "--fault", "1:raise@2", "--fault", "1:nan@3"], "--fault"),
+    (["train", "--time", "inf"], "--time"),
+    (["train", "--tau", "-1"], "--tau"),
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--threshold", "0"], "--threshold"),
+    (["simulate", "sweep", "--levels", "a,b"], "--levels"),
+    (["simulate", "quadratic", "--seed", "-1"], "--seed"),
+    (["bench", "ns", "--repeats", "0"], "--repeats"),
+    (["bench", "lmo", "--repeats", "0"], "--repeats"),
+    (["bench", "optim", "--repeats", "0"], "--repeats"),
+])
+def test_cli_refuses_bad_flags_before_any_work(argv, flag, tmp_path, capsys):
+    import time
+
+    from ringmaster_kernels.cli import main
+
+    if argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path / "out"), "--workers", "2"]
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = str(info.value.code) + capsys.readouterr().err
+    assert info.value.code != 0 and flag in message, message
+    assert time.monotonic() - t0 < 10  # nothing trained first
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_simulate_plot_path_is_checked_before_the_run(tmp_path, capsys):
+    from ringmaster_kernels.cli import main
+
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(SystemExit):
+        main(["simulate", "quadratic", "--plot", str(tmp_path / "adir")])
+    assert "--plot" in capsys.readouterr().err
+
+
+def test_a_hang_is_detected_under_the_stops_of_ringmaster():
+    workers = [LocalWorker(batch_size=4, compute_time=0.01), LocalWorker(batch_size=4, compute_time=0.02, fault=Fault("hang", 1))]
+    trainer = linear_trainer(workers, "ringmaster", policy_options={"lr": 0.05, "momentum": 0.0, "threshold": 1},
+                             hang_timeout=0.5)
+    summary = trainer.run(max_time=4.0)
+    assert [f["status"] for f in summary["faults"]] == ["dropped"]
+    assert summary["per_worker"][1]["status"] == "dropped" and summary["updates"] > 0
+    check_accounting(summary)

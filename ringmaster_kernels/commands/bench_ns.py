@@ -9,6 +9,7 @@ Gram products count half, as the symmetric kernel computes them).
 from __future__ import annotations
 
 import argparse
+from ._args import positive_int
 
 # NanoChat d12 / d20 / d24 hidden matrices, and two large single matrices.
 NANOCHAT_SHAPES = [(768, 768), (768, 3072), (1280, 1280), (1280, 5120), (1536, 1536), (1536, 6144)]
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="input and compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CUDA / 1 CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 20 CUDA / 3 CPU)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed calls (default 20 CUDA / 3 CPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd twin")

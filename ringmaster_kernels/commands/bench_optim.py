@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 from typing import TYPE_CHECKING
+from ._args import positive_int
 
 if TYPE_CHECKING:  # torch loads inside run(): the CLI stays light to start
     import torch
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every contestant this many times, interleaved, so load drift on a "
                              "shared machine hits all alike; report the median of round medians")

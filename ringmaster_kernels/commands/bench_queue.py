@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 from typing import Callable
+from ._args import positive_int
 
 
 def push_pop_loop(q, slot: int, n: int) -> Callable[[], None]:
@@ -45,20 +46,13 @@ def put_get_loop(sq, slot: int, n: int) -> Callable[[], None]:
     return loop
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--records", type=_positive_int, default=2_000_000, help="records per C++ run (split over producers)")
-    parser.add_argument("--pairs", type=_positive_int, default=200_000, help="operations per Python timing loop")
-    parser.add_argument("--batch", type=_positive_int, default=256, help="records per pop_into / pop_many call")
-    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per figure (median reported)")
-    parser.add_argument("--wakeups", type=_positive_int, default=200, help="samples for the wake-up latency")
+    parser.add_argument("--records", type=positive_int, default=2_000_000, help="records per C++ run (split over producers)")
+    parser.add_argument("--pairs", type=positive_int, default=200_000, help="operations per Python timing loop")
+    parser.add_argument("--batch", type=positive_int, default=256, help="records per pop_into / pop_many call")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per figure (median reported)")
+    parser.add_argument("--wakeups", type=positive_int, default=200, help="samples for the wake-up latency")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import math
 import sys
 
 from ..runtime.reporting import json_ready
+from ._args import float_list, nonnegative_int, output_file
 
 METHOD_NAMES = ("ringmaster", "ringmaster_pa", "sync", "async", "delay_adaptive", "rennala")
 TIME_MODELS = ("paper", "constant", "sqrt", "linear", "uniform")
@@ -33,12 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quad.add_argument("--threshold", type=int, help="Ringmaster's delay threshold R")
     quad.add_argument("--batch", type=int, help="Rennala's batch size B")
     quad.add_argument("--tune", action="store_true", help="grid-search every method on --tune-seed first")
-    quad.add_argument("--tune-seed", type=int, default=0)
+    quad.add_argument("--tune-seed", type=nonnegative_int, default=0)
     quad.add_argument("--jobs", type=int, default=1,
                       help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
     swp = sub.add_parser("sweep", help="Ringmaster's speed-up vs heterogeneity")
     _common(swp, workers=64, dim=64, horizon=20000.0)
-    swp.add_argument("--levels", default="0,0.25,0.5,1,2,4",
+    swp.add_argument("--levels", type=float_list, default=(0, 0.25, 0.5, 1, 2, 4),
                      help="comma-separated heterogeneity levels S (0 = homogeneous)")
     swp.add_argument("--no-retune", action="store_true",
                      help="use the S = 1 tuned values at every level instead of re-tuning around them")
@@ -54,14 +55,14 @@ def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: floa
     p.add_argument("--norm", default="l2", help="norm ball of the LMO (l2 = the authors' Muon on a vector)")
     p.add_argument("--radius", type=float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
     p.add_argument("--momentum", type=float, default=0.95, help="beta")
-    p.add_argument("--seed", type=int, default=1, help="seed of the reported run")
+    p.add_argument("--seed", type=nonnegative_int, default=1, help="seed of the reported run")
     p.add_argument("--outlier", action="append", default=[], type=_outlier, metavar="WORKER:FACTOR",
                    help="worker WORKER (0-based) computes FACTOR (> 0) times slower; repeatable")
     p.add_argument("--die", action="append", default=[], type=_death, metavar="WORKER@TIME",
                    help="worker WORKER (0-based) is lost at virtual time TIME (>= 0) and the method "
                         "stops waiting for it (policy.remove_worker); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", help="write a PNG here")
+    p.add_argument("--plot", type=output_file, help="write a PNG here")
 
 
 def _fault(text: str, sep: str, value_name: str, valid, wanted: str) -> tuple[int, float]:
@@ -123,9 +124,7 @@ def run(args: argparse.Namespace) -> int:
             for m in methods:
                 exp.build(m, params[m])
             return _quadratic(args, ex, exp, methods, params, overridden)
-        levels = tuple(float(v) for v in args.levels.split(","))
-        if any(not (math.isfinite(v) and v >= 0) for v in levels):
-            raise ValueError(f"levels must be finite numbers >= 0, got {args.levels!r}")
+        levels = tuple(float(v) for v in args.levels)
         for level in levels:
             ex.replace(exp, heterogeneity=level).validate()
         return _sweep(args, ex, exp, levels)

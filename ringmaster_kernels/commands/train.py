@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+from ._args import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 DEFAULT_METHODS = "ringmaster,sync"
 PROFILES = ("linear", "sqrt", "constant")
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated async methods to compare (default: {DEFAULT_METHODS})")
     parser.add_argument("--workers", type=int, help="number of workers (default: all GPUs, at least 2; else 4 CPU threads)")
-    parser.add_argument("--time", type=float, default=60.0, help="wall seconds per method")
+    parser.add_argument("--time", type=positive_float, default=60.0, help="wall seconds per method")
     parser.add_argument("--max-updates", type=int, help="also stop a method after this many updates")
     parser.add_argument("--out", default="runs/train", help="directory for summary.json, the plot and checkpoints")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -41,26 +42,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--accum", type=int, default=1, help="micro-batches per gradient")
     model.add_argument("--corpus-bytes", type=int, default=4_000_000, help="bytes of stdlib source to read")
     method = parser.add_argument_group("method")
-    method.add_argument("--lr", type=float, default=0.02, help="step size eta of every method")
-    method.add_argument("--threshold", type=int, default=4, help="Ringmaster's delay threshold R")
+    method.add_argument("--lr", type=nonnegative_float, default=0.02, help="step size eta of every method")
+    method.add_argument("--threshold", type=positive_int, default=4, help="Ringmaster's delay threshold R")
     method.add_argument("--momentum", type=float, default=0.9, help="beta")
-    method.add_argument("--batch", type=int, help="Rennala's batch B (default: number of workers)")
+    method.add_argument("--batch", type=positive_int, help="Rennala's batch B (default: number of workers)")
     hetero = parser.add_argument_group("emulated heterogeneity (CPU threads)")
     hetero.add_argument("--profile", default="linear", choices=PROFILES,
                         help="worker i (1-based) takes at least tau*i (linear), tau*sqrt(i) or tau seconds")
-    hetero.add_argument("--tau", type=float, default=0.05,
+    hetero.add_argument("--tau", type=nonnegative_float, default=0.05,
                         help="emulated seconds per gradient of the fastest worker (0: no emulation)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     runtime.add_argument("--torch-threads", type=int, default=1, help="intra-op threads (process-wide)")
-    runtime.add_argument("--seed", type=int, default=0)
-    runtime.add_argument("--hang-timeout", type=float, default=60.0, help="drop a worker silent this long (s)")
+    runtime.add_argument("--seed", type=nonnegative_int, default=0)
+    runtime.add_argument("--hang-timeout", type=positive_float, default=60.0, help="drop a worker silent this long (s)")
     runtime.add_argument("--checkpoint-every", type=int, help="updates between checkpoints (always one at the end)")
     runtime.add_argument("--resume", action="store_true", help="continue each method from its checkpoint under --out")
     runtime.add_argument("--fault", action="append", default=[], metavar="WORKER:KIND@JOB",
                          help="inject a fault (raise, hang, nan; kill for remote workers), e.g. 2:raise@5")
-    runtime.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines (stderr)")
-    runtime.add_argument("--eval-every", type=float, default=10.0, help="seconds between held-out evaluations")
+    runtime.add_argument("--log-every", type=positive_float, default=5.0, help="seconds between progress lines (stderr)")
+    runtime.add_argument("--eval-every", type=positive_float, default=10.0, help="seconds between held-out evaluations")
     runtime.add_argument("--distributed", action="store_true",
                          help="run under torchrun: rank 0 serves, other ranks are workers")
 
@@ -82,6 +83,19 @@ def build_task(args: argparse.Namespace):
     return GPTTask(cfg, ByteData(stdlib_corpus(args.corpus_bytes), cfg.seq_len))
 
 
+def method_list(text: str) -> list[str]:
+    """``--methods`` as names of ``METHODS``, each once (ValueError naming the flag otherwise)."""
+    from ..optim.policies import METHODS
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if not names or unknown:
+        raise ValueError(f"--methods: unknown {unknown or names}; known: {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods: each method once, got {names}")
+    return names
+
+
 def policy_options(args: argparse.Namespace, method: str, num_workers: int) -> dict:
     options = {"lr": args.lr, "momentum": args.momentum}
     if method in ("ringmaster", "ringmaster_asgd"):
@@ -101,6 +115,8 @@ def parse_faults(specs: list[str], n: int) -> dict:
         worker, fault = Fault.parse(spec)
         if not 0 <= worker < n:
             raise ValueError(f"--fault {spec}: worker must be in [0, {n})")
+        if worker in faults:
+            raise ValueError(f"--fault {spec}: worker {worker} already has a fault ({faults[worker].kind}@{faults[worker].at_job})")
         faults[worker] = fault
     return faults
 
@@ -115,7 +131,7 @@ def train_methods(args: argparse.Namespace, make_workers, server_device: str) ->
 
     task = build_task(args)
     summaries = {}
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method in method_list(args.methods):
         workers = make_workers()
         path = os.path.join(args.out, method, "checkpoint.pt")
         trainer = AsyncTrainer(
@@ -204,8 +220,11 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"ringmaster train: --{name.replace('_', '-')} must be >= 1, got {value}")
-    if not args.time > 0:
-        raise SystemExit(f"ringmaster train: --time must be > 0, got {args.time}")
+    try:
+        method_list(args.methods)
+        os.makedirs(args.out, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"ringmaster train: {exc}") from None
     from ..runtime.trainer import LocalWorker
 
     if args.distributed:

@@ -152,6 +152,7 @@ class _CancelListener:
 
     def __init__(self, device: torch.device):
         self.session, self.before = 0, 0
+        self.exiting = False
         self.signal = threading.Event()
         self._buf = torch.zeros(2, dtype=torch.float64, device=device)
         self._thread = threading.Thread(target=self._listen, name="ringmaster-cancel-listener", daemon=True)
@@ -162,6 +163,7 @@ class _CancelListener:
             dist.recv(self._buf, src=0, tag=CANCEL_TAG)
             session, before = (int(v) for v in self._buf.tolist())
             if session < 0:
+                self.exiting = True
                 return
             if session > self.session:
                 self.session, self.before = session, before
@@ -185,7 +187,8 @@ class _CancelListener:
                     self.signal.clear()
             return False
 
-        return Job(worker, index, version, params, None, cancelled=cancelled, beat=lambda: None, sleep_until=sleep_until)
+        return Job(worker, index, version, params, None, cancelled=cancelled, beat=lambda: None, sleep_until=sleep_until,
+                   abandoned=lambda: self.exiting)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)

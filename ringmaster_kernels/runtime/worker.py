@@ -72,6 +72,7 @@ class Job:
     cancelled: Callable[[], bool]
     beat: Callable[[], None]
     sleep_until: Callable[[float], bool]  # False if woken early (cancel or stop)
+    abandoned: Callable[[], bool] = lambda: False  # the run stops or gave up on this worker
 
 
 class WorkerBody(Protocol):
@@ -209,7 +210,10 @@ class LocalWorker:
         if fault is not None and fault.kind == "raise":
             raise RuntimeError(f"injected fault: worker {job.worker} raised at job {job.index}")
         if fault is not None and fault.kind == "hang":
-            while not job.cancelled():  # silent (no heartbeat) until the run drops or stops it
+            # silent (no heartbeat) until the run drops or stops it; a cancellation (the
+            # stops of Ringmaster, Rennala's restart) does not end a hang, or the hang
+            # detector would never be exercised for those methods
+            while not job.abandoned():
                 time.sleep(0.02)
             return None
         self.flat_grad.zero_()
@@ -281,7 +285,7 @@ def _work(server: "Server", i: int, body: WorkerBody) -> None:
         ws.wake.clear()
         job = Job(i, ws.jobs, version, params, ready,
                   cancelled=lambda v=version: v < server.cancel_below[i] or stopping.is_set() or ws.fate is not None,
-                  beat=beat, sleep_until=sleep_until)
+                  beat=beat, sleep_until=sleep_until, abandoned=lambda: stopping.is_set() or ws.fate is not None)
         ws.jobs += 1
         beat()
         ws.phase = "running"
