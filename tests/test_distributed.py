@@ -125,3 +125,34 @@ def test_a_cancellation_to_a_hung_rank_never_blocks_the_server(monkeypatch):
         release.set()
         worker._sender.join(10)
     assert not worker._sender.is_alive()
+
+
+STORE_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from ringmaster_kernels.runtime import distributed
+distributed.init_from_env(timeout_s=30)
+port = int({port!r})
+listening = []
+for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    local, state = line.split()[1], line.split()[3]
+    address, hexport = local.split(":")
+    if int(hexport, 16) == port and state == "0A":
+        listening.append(address)
+print(" ".join(listening))
+distributed.dist.destroy_process_group()
+"""
+
+
+def test_direct_launch_store_listens_on_master_addr_only():
+    """torch's env:// store binds every interface; without torchrun's agent, rank 0's store
+    is bound to MASTER_ADDR (127.0.0.1 here: 0100007F in /proc/net/tcp)."""
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "1", "RANK": "0",
+           "LOCAL_RANK": "0"}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    result = subprocess.run([sys.executable, "-c", STORE_SCRIPT.format(root=root, port=port)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0100007F"], result.stdout

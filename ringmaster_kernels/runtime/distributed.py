@@ -31,6 +31,7 @@ import math
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 
@@ -47,14 +48,38 @@ _sessions = itertools.count(1)  # one per RemoteWorker, increasing across traine
 
 def init_from_env(timeout_s: float = 120.0) -> tuple[int, int]:
     """Join the job torchrun started (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the
-    environment): NCCL when CUDA is available, else Gloo. Returns ``(rank, world_size)``."""
+    environment): NCCL when CUDA is available, else Gloo. Returns ``(rank, world_size)``.
+
+    The rendezvous store: torch's own ``env://`` store listens on every interface, so
+    anyone on the network could read and write it. Launched without torchrun's agent
+    (ranks started with the same environment), rank 0 creates the store itself on a
+    socket bound to ``MASTER_ADDR`` only. Under the agent (``torchrun``), the agent owns
+    the store and torch gives no way to bind it: the cluster network must be trusted.
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError("distributed: RANK/WORLD_SIZE are not set; launch with torchrun --nproc-per-node N")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or "MASTER_PORT" not in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=_bound_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _bound_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The rendezvous store, listening on ``MASTER_ADDR`` only (rank 0) or joined (others)."""
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(host, port, world, False, timeout)
+    listener = socket.create_server((host, port), backlog=max(128, world), reuse_port=False)
+    # the store's daemon owns the socket from here: detach it so Python never closes it
+    return dist.TCPStore(host, port, world, True, timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach(), use_libuv=False)
 
 
 def comm_device() -> torch.device:
