@@ -437,6 +437,9 @@ def test_accounting_holds_across_mid_run_checkpoints_and_resumes(tmp_path):
             trainer.load_checkpoint(path)
             t = state["totals"]
             assert t["pushed"] == t["accepted"] + t["discarded"] + t["in_flight"], t
+            # the curve holds a point for every update up to the checkpoint, its own included
+            versions = [v for _, v, _ in state["history"]["curve"]]
+            assert versions[-1] == state["policy"]["counters"]["version"] and versions == sorted(set(versions))
         target += 10
         summary = trainer.run(max_updates=target, max_time=RUN_LIMIT)
         check_accounting(summary)
@@ -522,6 +525,10 @@ def test_simulate_plot_path_is_checked_before_the_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "quadratic", "--plot", str(tmp_path / "adir")])
     assert "--plot" in capsys.readouterr().err
+    from ringmaster_kernels.commands._args import output_file
+
+    target = tmp_path / "missing" / "deeper" / "p.png"
+    assert output_file(str(target)) == str(target) and target.parent.is_dir()  # made before the run, not after
 
 
 def test_a_hang_is_detected_under_the_stops_of_ringmaster():

@@ -309,10 +309,11 @@ class Server:
         else:
             self.totals["stale"] += 1
             ws.discarded += 1
-        if decision.advanced and self.on_update is not None:
-            self.on_update(decision.version)
         self.execute(worker, decision, answer=True, started=t0)
         self.trace.append((worker, version, decision.delay, decision.accepted, decision.version))
+        if decision.advanced and self.on_update is not None:
+            # after execute: a checkpoint taken here holds this update's curve point
+            self.on_update(decision.version)
 
     def _release(self, slot: int) -> None:
         if self.cuda:
