@@ -650,22 +650,27 @@ _BLOCKED_AT_EXIT = """
 import sys, threading, time
 from ringmaster_kernels.queue import GradientQueue
 mode, threads = sys.argv[1], int(sys.argv[2])
-q = GradientQueue(2, 3, 1)
-if mode == "acquire_slot":
-    [q.acquire_slot() for _ in range(3)]
-    call = lambda: q.acquire_slot(timeout=0.001)
-elif mode == "push":
-    q.push(q.acquire_slot(), 0, 0); q.push(q.acquire_slot(), 0, 1)
-    slot = q.acquire_slot()
-    call = lambda: q.push(slot, 0, 2, timeout=0.001)  # the ring is full: waits, then False
-else:
-    call = {"pop": lambda: q.pop(timeout=0.001), "pop_many": lambda: q.pop_many(4, timeout=0.001),
+q = GradientQueue(2, 2 + threads, 1)
+def make_call():
+    if mode == "acquire_slot":
+        return lambda: q.acquire_slot(timeout=0.001)
+    if mode == "push":
+        # one slot per thread: two threads pushing one slot at once is (rightly) an error
+        slot = q.acquire_slot()
+        return lambda: q.push(slot, 0, 2, timeout=0.001)  # the ring is full: waits, then False
+    return {"pop": lambda: q.pop(timeout=0.001), "pop_many": lambda: q.pop_many(4, timeout=0.001),
             "forever": q.pop}[mode]
-def loop():
+if mode == "push":
+    q.push(q.acquire_slot(), 0, 0); q.push(q.acquire_slot(), 0, 1)
+calls = [make_call() for _ in range(threads)]
+if mode == "acquire_slot":
+    while q.acquire_slot(timeout=0) is not None:
+        pass
+def loop(call):
     while True:
         call()
-for _ in range(threads):
-    threading.Thread(target=loop, daemon=True).start()
+for call in calls:
+    threading.Thread(target=loop, args=(call,), daemon=True).start()
 time.sleep(0.05)
 """
 
