@@ -237,6 +237,49 @@ def test_load_state_dict_refuses_negative_counters_and_changes_nothing():
         assert b.rule.state_dict()["momentum_buffers"] == [None]
 
 
+@pytest.mark.parametrize("damage, match", [
+    (lambda st: st["rule"]["groups"][0].update(lr=math.nan), r"\['lr'\]"),
+    (lambda st: st["rule"]["groups"][0].update(radius=-1.0), r"\['radius'\]"),
+    (lambda st: st["rule"]["groups"][0].update(norm="frobnorm"), r"\['norm'\]"),
+    (lambda st: st["rule"]["groups"][0].update(lmo_options={"steps": -1}), "steps"),
+    (lambda st: st["rule"]["groups"][0].pop("radius"), "exactly"),
+    (lambda st: st["rule"]["groups"][0].update(extra=1), "exactly"),
+    (lambda st: st["rule"]["groups"].append(dict(st["rule"]["groups"][0])), "param groups"),
+    (lambda st: st["rule"]["momentum_buffers"].clear(), "momentum buffers"),
+    (lambda st: st.update(batch_sum=[torch.zeros(5, dtype=torch.float64)]), "batch_sum"),
+    (lambda st: st.update(batch_sum=["x"]), "batch_sum"),
+    (lambda st: st.update(batch_count=3), "partial batch"),
+    (lambda st: st.update(batch_count=0), "partial batch"),
+    (lambda st: st.update(batch_count=-1), "batch_count"),
+])
+def test_load_state_dict_validates_groups_and_batch_before_changing_anything(damage, match):
+    gs = grads(2)
+    a = make_policy("rennala", [vec()], num_workers=2, lr=0.1, batch=3, norm="l2", momentum=0.9)
+    for g in gs:
+        a.on_gradient(0, a.version, g)  # two of three: a partial batch is saved
+    state = a.state_dict()
+    damage(state)
+    b = make_policy("rennala", [vec()], num_workers=2, lr=0.1, batch=3, norm="l2", momentum=0.9)
+    before = b.state_dict()
+    with pytest.raises((ValueError, TypeError), match=match):
+        b.load_state_dict(state)
+    after = b.state_dict()
+    assert after["counters"] == before["counters"] and after["rule"]["groups"] == before["rule"]["groups"]
+    assert after["rule"]["momentum_buffers"] == [None] and after["batch_sum"] is None and after["batch_count"] == 0
+
+
+def test_a_saved_partial_batch_keeps_its_dtype_and_is_a_copy():
+    a = make_policy("rennala", [vec()], num_workers=2, lr=0.1, batch=3, norm="l2")
+    a.on_gradient(0, 0, grads(1)[0].float())
+    state = a.state_dict()
+    b = make_policy("rennala", [vec()], num_workers=2, lr=0.1, batch=3, norm="l2")
+    b.load_state_dict(state)
+    saved = b.state_dict()["batch_sum"][0]
+    assert saved.dtype == torch.float32 and torch.equal(saved, state["batch_sum"][0])
+    state["batch_sum"][0].fill_(7.0)
+    assert not torch.equal(b.state_dict()["batch_sum"][0], state["batch_sum"][0])
+
+
 def test_bad_arrivals_raise():
     pol = make_policy("ringmaster", [vec()], num_workers=2, lr=0.1, norm="l2")
     with pytest.raises(ValueError, match="worker"):

@@ -4,6 +4,7 @@ Timing-based checks use emulated compute times far above the runtime's own laten
 loose bounds, and every run is bounded by max_time, so a loaded CI machine slows the
 tests down but cannot hang them.
 """
+import copy
 import _thread
 import math
 import os
@@ -372,6 +373,17 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+def _same(a, b) -> bool:
+    """Nested dicts/lists/tuples of tensors and plain values are equal."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
 def _saved_trainer(tmp_path):
     path = tmp_path / "ck.pt"
     trainer = linear_trainer([LocalWorker(batch_size=4)], checkpoint_path=path)
@@ -397,13 +409,24 @@ def test_a_checkpoint_never_runs_code_and_damage_is_one_clear_error(tmp_path):
     bad_version = {**state, "policy": {**state["policy"], "counters": {**state["policy"]["counters"], "version": -7}}}
     torch.save(bad_version, tmp_path / "version.pt")
     (tmp_path / "adir.pt").mkdir()
-    for name in ["crafted.pt", *damaged, "list.pt", "short.pt", "missing.pt", "version.pt", "adir.pt"]:
+    # these fail half-way through loading: params and policy fit, a later part does not
+    torch.save({**state, "history": {**state["history"], "curve": [("x",)]}}, tmp_path / "history.pt")
+    torch.save({**state, "workers": [{"bogus": 1}]}, tmp_path / "worker.pt")
+    torch.save({**state, "rng": {"torch": torch.zeros(3), "python": None}}, tmp_path / "rng.pt")
+    torch.save({**state, "totals": {**state["totals"], "pushed": "many"}}, tmp_path / "totals.pt")
+    names = ["crafted.pt", *damaged, "list.pt", "short.pt", "missing.pt", "version.pt", "adir.pt",
+             "history.pt", "worker.pt", "rng.pt", "totals.pt"]
+    for name in names:
         fresh = linear_trainer([LocalWorker(batch_size=4)])
-        before = fresh.master.clone()
+        before = copy.deepcopy(fresh._state())
         with pytest.raises(ValueError) as info:
             fresh.load_checkpoint(tmp_path / name)
         assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value), name
-        assert torch.equal(fresh.master, before), name  # nothing was changed
+        after = fresh._state()  # nothing was changed: parameters, policy, metrics, data, RNG
+        assert torch.equal(after["params"], before["params"]) and fresh.version == 0, name
+        assert after["policy"]["counters"] == before["policy"]["counters"], name
+        for part in ("history", "workers", "rng"):
+            assert _same(after[part], before[part]), (name, part)
     assert not marker.exists()
 
 

@@ -205,14 +205,19 @@ class Policy:
         return {"name": self.name, "hyperparameters": self.hyperparameters(), "counters": self.counters(),
                 "rule": self.rule.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the policy must have been built the same way."""
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Refuse a state this policy cannot take, before anything changes."""
         if state.get("name") != self.name:
             raise ValueError(f"state is for policy {state.get('name')!r}, this is {self.name!r}")
         counters = state["counters"]
-        for key in ("version", "accepted", "discarded"):  # checked before anything changes
+        for key in ("version", "accepted", "discarded"):
             _check_int(counters[key], f"state['counters'][{key!r}]", minimum=0)
-        self.rule.load_state_dict(state["rule"])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the policy must have been built the same way."""
+        self._check_state(state)
+        counters = state["counters"]
+        self.rule.load_state_dict(state["rule"])  # validates the rule's state before changing it
         self.version, self.accepted, self.discarded = counters["version"], counters["accepted"], counters["discarded"]
 
 
@@ -375,9 +380,24 @@ class Minibatch(Policy):
         state["batch_count"] = self._count
         return state
 
+    def _check_state(self, state: dict[str, Any]) -> None:
+        super()._check_state(state)
+        saved_sum = state["batch_sum"]
+        count = _check_int(state["batch_count"], "state['batch_count']", minimum=0)
+        if count >= self.batch or (count == 0) != (saved_sum is None):
+            raise ValueError(f"state: a partial batch of {count} gradients does not fit batch {self.batch} "
+                             f"with {'no' if saved_sum is None else 'a'} saved sum")
+        if saved_sum is not None and (
+            not isinstance(saved_sum, (list, tuple)) or len(saved_sum) != len(self.params) or not all(
+                isinstance(s, torch.Tensor) and s.shape == p.shape and s.is_floating_point()
+                for s, p in zip(saved_sum, self.params))
+        ):
+            raise ValueError("state: batch_sum must hold one floating tensor per parameter, of its shape")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._sum = None if state["batch_sum"] is None else [s.clone() for s in state["batch_sum"]]
+        saved_sum = state["batch_sum"]
+        self._sum = None if saved_sum is None else [s.to(p.device, copy=True) for s, p in zip(saved_sum, self.params)]
         self._count = state["batch_count"]
 
 

@@ -220,15 +220,24 @@ class LMOMomentum:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        buffers = state["momentum_buffers"]
-        if len(buffers) != len(self.params):
-            raise ValueError(f"state has {len(buffers)} momentum buffers, policy has {len(self.params)} parameters")
+        """Restore buffers and group settings; everything is validated (as at construction)
+        before anything changes."""
+        buffers, saved_groups = state["momentum_buffers"], state["groups"]
+        if not isinstance(buffers, (list, tuple)) or len(buffers) != len(self.params):
+            raise ValueError(f"state: expected {len(self.params)} momentum buffers (one per parameter)")
         for i, (m, p) in enumerate(zip(buffers, self.params)):
-            if m is not None and (not isinstance(m, torch.Tensor) or m.shape != p.shape):
+            if m is not None and (not isinstance(m, torch.Tensor) or m.shape != p.shape or not m.is_floating_point()):
                 raise ValueError(f"state: momentum buffer {i} does not match parameter {i} of shape {tuple(p.shape)}")
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state: expected {len(self.param_groups)} param groups")
+        settings = set(_GROUP_KEYS) - {"params"}
+        if not all(isinstance(saved, dict) and set(saved) == settings for saved in saved_groups):
+            raise ValueError(f"state: each saved param group must be a dict of exactly {sorted(settings)}")
+        groups = self._build_groups(
+            [{**saved, "params": group["params"]} for saved, group in zip(saved_groups, self.param_groups)],
+            norm=None, radius=1.0)  # the defaults are unused: a saved group holds every key
         self._momentum_buffers = [None if m is None else m.clone().to(p.device) for m, p in zip(buffers, self.params)]
-        for group, saved in zip(self.param_groups, state["groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.param_groups = groups
 
 
 class OptimizerRule:

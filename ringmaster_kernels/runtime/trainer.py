@@ -11,6 +11,7 @@ same object the virtual-time simulator drives.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -411,23 +412,29 @@ class AsyncTrainer:
             raise ValueError(f"path: checkpoint {path!r}: policy counters must be ints >= 0, got {counters!r}")
         history = checkpoint.require(path, state, "history", dict)
         totals = checkpoint.require(path, state, "totals", dict)
+        if not all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in totals.items()):
+            raise ValueError(f"path: checkpoint {path!r}: totals must map names to ints >= 0")
         elapsed = checkpoint.require(path, state, "elapsed", (int, float))
         if not (math.isfinite(elapsed) and elapsed >= 0):
             raise ValueError(f"path: checkpoint {path!r}: elapsed must be a finite number >= 0, got {elapsed!r}")
         rng = checkpoint.require(path, state, "rng", dict)
-        saved_master = self.master.clone()
+        # Each part validates itself while loading, so a file can fail half-way: keep the
+        # whole trainer as it was and put all of it back if any part does not fit.
+        before = copy.deepcopy(self._state())
         try:
-            with torch.no_grad():
-                self.master.copy_(params)
-            self.policy.load_state_dict(policy_state)
-            self.history.load_state_dict(history)
-            for body, saved in zip(self.workers, workers):
-                body.load_state_dict(saved)
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            with torch.no_grad():
-                self.master.copy_(saved_master)
+            self._restore(params, policy_state, history, workers, rng)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            self._restore(before["params"], before["policy"], before["history"], before["workers"], before["rng"])
             raise ValueError(f"path: checkpoint {path!r} does not fit this trainer: {type(exc).__name__}: {exc}") from None
         self._elapsed_before = float(elapsed)
-        self._totals_before = Counter({str(k): int(v) for k, v in totals.items()})
+        self._totals_before = Counter(totals)
+
+    def _restore(self, params: torch.Tensor, policy: dict, history: dict, workers: list, rng: dict) -> None:
+        with torch.no_grad():
+            self.master.copy_(params)
+        self.policy.load_state_dict(policy)
+        self.history.load_state_dict(history)
+        for body, saved in zip(self.workers, workers):
+            body.load_state_dict(saved)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
