@@ -154,6 +154,16 @@ def test_hung_worker_is_dropped_after_timeout():
     check_accounting(summary)
 
 
+def test_a_slow_healthy_worker_is_not_taken_for_a_hung_one():
+    """Emulated compute time longer than hang_timeout: the worker beats while it waits."""
+    workers = [LocalWorker(batch_size=4, compute_time=0.01), LocalWorker(batch_size=4, compute_time=1.5)]
+    summary = linear_trainer(workers, "async", hang_timeout=1.0).run(max_time=3.5)
+    slow = summary["per_worker"][1]
+    assert slow["status"] == "stopped" and slow["pushed"] >= 2, slow
+    assert summary["faults"] == []
+    check_accounting(summary)
+
+
 def test_all_workers_lost_stops_the_run():
     workers = [LocalWorker(batch_size=4, fault=Fault("raise", 0)) for _ in range(2)]
     summary = linear_trainer(workers).run(max_time=RUN_LIMIT)

@@ -246,6 +246,9 @@ class LocalWorker:
         self.stream.load_state_dict(state)
 
 
+_BEAT_EVERY = 0.1  # seconds between heartbeats of a worker in an emulated sleep
+
+
 def worker_main(server: "Server", i: int) -> None:
     """Thread body of worker ``i``: set up its body, then run jobs until the run stops.
     An exception is reported to the server (the worker is lost; the run goes on)."""
@@ -276,8 +279,13 @@ def _work(server: "Server", i: int, body: WorkerBody) -> None:
         ws.beat = time.monotonic()
 
     def sleep_until(deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        return remaining <= 0 or not ws.wake.wait(remaining)
+        # emulated compute time is a healthy worker's time: beat through it, or a slow
+        # worker (compute_time > hang_timeout) would be dropped as hung
+        while (remaining := deadline - time.monotonic()) > 0:
+            if ws.wake.wait(min(remaining, _BEAT_EVERY)):
+                return False
+            beat()
+        return True
 
     while not stopping.is_set():
         version, params, ready = server.published
