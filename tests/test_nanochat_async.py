@@ -10,10 +10,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
-from ringmaster_kernels.integrations.nanochat_task import NanoChatAPIError, load_checkout, parse_base_train_args
+from ringmaster_kernels.integrations.nanochat_task import (
+    NanoChatAPIError,
+    first_batch_as,
+    load_checkout,
+    parse_base_train_args,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANOCHAT_DIR = os.environ.get("NANOCHAT_DIR")
@@ -80,6 +86,28 @@ def test_a_checkout_whose_api_moved_is_refused_naming_what_is_missing(tmp_path, 
         assert result.returncode == 3, result.stderr
         lines = result.stdout.strip().splitlines()
         assert len(lines) == 1 and missing in lines[0] and "missing" in lines[0]
+
+
+def test_a_loader_reads_the_rank_it_is_given_and_the_real_one_is_put_back():
+    """Workers' train loaders read their slice, the val loader (under torchrun too) all of it."""
+    real = lambda: (True, 3, 3, 4)  # noqa: E731  what get_dist_info says on rank 3 of torchrun
+    dataloader = types.SimpleNamespace(get_dist_info=real)
+
+    def loader():
+        yield dataloader.get_dist_info()
+        yield dataloader.get_dist_info()
+
+    gen = loader()
+    assert first_batch_as(dataloader, gen, (False, 0, 0, 1)) == (False, 0, 0, 1)
+    assert dataloader.get_dist_info is real and next(gen) == (True, 3, 3, 4)
+
+    def failing():
+        raise OSError("no shard")
+        yield
+
+    with pytest.raises(OSError):
+        first_batch_as(dataloader, failing(), (True, 1, 1, 2))
+    assert dataloader.get_dist_info is real
 
 
 def test_launcher_refuses_bad_input_before_any_work(tmp_path):

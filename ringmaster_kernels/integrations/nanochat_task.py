@@ -192,10 +192,24 @@ class Recipe:
     __name__ = "base_train_schedule"
 
 
+_dist_info_lock = threading.Lock()
+
+
+def first_batch_as(dataloader: Any, loader: Any, dist_info: tuple[bool, int, int, int]) -> Any:
+    """``next(loader)`` with NanoChat's ``get_dist_info`` answering ``dist_info``
+    (ddp, rank, local rank, world size). A loader reads its rank once, when its first
+    batch is made; loaders opened from several threads take turns, hence the lock."""
+    with _dist_info_lock:
+        original = dataloader.get_dist_info
+        dataloader.get_dist_info = lambda: dist_info
+        try:
+            return next(loader)
+        finally:
+            dataloader.get_dist_info = original
+
+
 class NanoChatStream:
     """One worker's NanoChat train loader: its own row-group slice, batches copied out."""
-
-    _patch_lock = threading.Lock()
 
     def __init__(self, task: "NanoChatTask", worker: int, num_workers: int, batch_size: int, device: torch.device,
                  resume: dict | None = None) -> None:
@@ -208,15 +222,7 @@ class NanoChatStream:
         loader = dataloader.tokenizing_distributed_data_loader_with_state_bos_bestfit(
             self.task.tokenizer, self.batch_size, self.task.args.max_seq_len, split="train",
             tokenizer_threads=1, device=str(self.device.type), resume_state_dict=resume)
-        # The loader reads (rank, world size) once, when its first batch is made; make this
-        # worker the "rank" then. Several workers are opened in turn, hence the lock.
-        with self._patch_lock:
-            original = dataloader.get_dist_info
-            dataloader.get_dist_info = lambda: (True, self.worker, self.worker, self.num_workers)
-            try:
-                self._pending = self._copy(next(loader))
-            finally:
-                dataloader.get_dist_info = original
+        self._pending = self._copy(first_batch_as(dataloader, loader, (True, self.worker, self.worker, self.num_workers)))
         self.loader = loader
         self.position = self._pending[2]
 
@@ -333,13 +339,17 @@ class NanoChatTask:
     def evaluate(self, model: torch.nn.Module) -> float:
         """Validation bits per byte over ``eval_steps`` batches of the val split."""
         device = next(model.parameters()).device
-        loader = self.modules["nanochat.dataloader"].tokenizing_distributed_data_loader_bos_bestfit(
+        dataloader = self.modules["nanochat.dataloader"]
+        loader = dataloader.tokenizing_distributed_data_loader_bos_bestfit(
             self.tokenizer, self.args.device_batch_size, self.args.max_seq_len, split="val",
             tokenizer_threads=1, device=str(device.type))
+        # the whole val split, as one process: under torchrun NanoChat's own answer would be
+        # this rank's slice of it, so ranks would report different metrics for one model
+        first = first_batch_as(dataloader, loader, (False, 0, 0, 1))
         token_bytes = self.token_bytes.to(device)
         nats, nbytes = 0.0, 0
-        for _ in range(self.eval_steps):
-            x, y = next(loader)
+        for step in range(self.eval_steps):
+            x, y = first if step == 0 else next(loader)
             loss = model(x, y, loss_reduction="none").view(-1)
             y = y.view(-1)
             valid = y >= 0

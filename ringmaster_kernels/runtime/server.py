@@ -34,7 +34,7 @@ from ..optim.policies import Decision, Policy
 from ..queue import GradientQueue, QueueClosed
 from .layout import FlatLayout
 from .reporting import History
-from .worker import _GO, _STOP, WorkerBody
+from .worker import GO, STOP, WorkerBody
 
 # worker states as the server sees them
 RUNNING, WAITING, DEAD, DROPPED, STOPPED = "running", "waiting", "dead", "dropped", "stopped"
@@ -257,7 +257,7 @@ class Server:
         if self.log:
             self.log(f"[ringmaster] worker {worker} {state}: {error.strip().splitlines()[-1]}; the run continues")
         self.idle.discard(worker)
-        ws.inbox.put(_STOP)
+        ws.inbox.put(STOP)
         ws.wake.set()
         decision = self.policy.remove_worker(worker)
         if decision is not None:
@@ -284,7 +284,7 @@ class Server:
             ws.discarded += 1
             self._release(slot)
             self._clock("busy", t0)
-            ws.inbox.put(_GO)
+            ws.inbox.put(GO)
             return
         used_at = []
 
@@ -297,6 +297,7 @@ class Server:
         decision = self.policy.on_gradient(worker, version, gradient)
         if used_at:  # the update math: from the policy's first touch of the gradient to its return
             self._clock("math", used_at[0])
+        loss = self.slot_loss[slot]  # before the release: a worker may take the slot and write it
         self._release(slot)
         history = self.history
         history.delay_hist[decision.delay] += 1
@@ -305,7 +306,7 @@ class Server:
         if decision.accepted:
             self.totals["accepted"] += 1
             ws.accepted += 1
-            history.add_loss(self.slot_loss[slot])
+            history.add_loss(loss)
         else:
             self.totals["stale"] += 1
             ws.discarded += 1
@@ -347,17 +348,17 @@ class Server:
             self.idle.add(worker)
         if decision.restart_idle:
             for i in self.idle:
-                self.ws[i].inbox.put(_GO)
+                self.ws[i].inbox.put(GO)
             self.idle.clear()
         if answer and decision.restart:
-            self.ws[worker].inbox.put(_GO)
+            self.ws[worker].inbox.put(GO)
 
     def shutdown(self) -> None:
         """Stop every worker, then count what is still in the queue as in flight."""
         self._drain_faults()  # crashes reported after the last health check
         self.stopping.set()
         for ws in self.ws:
-            ws.inbox.put(_STOP)
+            ws.inbox.put(STOP)
             ws.wake.set()
         self.queue.close()
         while True:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .server import Server
 
 FAULT_KINDS = ("raise", "hang", "nan", "kill")
-_GO, _STOP = 1, 0  # the server's answers in a worker's inbox
+GO, STOP = 1, 0  # the server's answers in a worker's inbox
 
 
 @dataclass(frozen=True)
@@ -314,6 +314,6 @@ def _work(server: "Server", i: int, body: WorkerBody) -> None:
                 if stopping.is_set():
                     return
                 continue
-            if answer == _STOP:
+            if answer == STOP:
                 return
             break
