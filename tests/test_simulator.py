@@ -1,4 +1,5 @@
 """Virtual-time simulator: event order and clock, determinism, formulas, faults, the CLI."""
+import dataclasses
 import json
 import math
 
@@ -52,6 +53,8 @@ def test_accounting_identity_and_trace_fields():
     tr = simulate(pol, obj, make_time_model("paper", 16), horizon=40, seed=3)
     in_flight = 16
     assert tr.started == tr.num_accepted + tr.num_discarded + in_flight and tr.lost == 0
+    assert tr.in_flight == in_flight and tr.accounting_ok
+    assert not dataclasses.replace(tr, started=tr.started + 1).accounting_ok  # a job gone missing shows
     assert np.all(np.diff(tr.time) >= 0)
     assert np.all(tr.delay[tr.accepted] < 3)
     assert not np.isnan(tr.metric[tr.accepted]).any()
@@ -162,6 +165,7 @@ def test_death_completes_sync_barrier_hand_computed():
     assert tr.end_time == 6 and tr.lost == 1 and tr.num_discarded == 0
     in_flight = 2
     assert tr.started == 3 + 2 * 4 == tr.num_accepted + tr.num_discarded + tr.lost + in_flight
+    assert tr.in_flight == in_flight and tr.accounting_ok
     x = obj.initial_params()[0].numpy()
     for _ in range(4):
         g = obj.full_gradient(x)

@@ -47,8 +47,9 @@ class Trace:
             its decision executed (a death may advance the model: a barrier completes).
         initial_metric: the metric at the starting point (time 0).
         started: jobs started in total; ``num_accepted + num_discarded + lost`` plus the
-            jobs in flight at the end.
+            jobs in flight at the end (see :attr:`accounting_ok`).
         lost: jobs in flight when their worker died.
+        in_flight: jobs running when the trace was taken (they end after it).
         end_time: virtual time the run stopped (the horizon, or the last event when no
             job can end any more).
         metric_name: what ``metric`` is.
@@ -68,11 +69,19 @@ class Trace:
     lost: int
     end_time: float
     metric_name: str
+    in_flight: int = 0
     wall_s: float = 0.0
 
     @property
     def num_accepted(self) -> int:
         return int(self.accepted.sum())
+
+    @property
+    def accounting_ok(self) -> bool:
+        """Every started job is accounted for: it arrived (accepted or discarded), was
+        cancelled in flight, was lost with its worker, or is still running."""
+        arrivals = int((~self.death).sum())
+        return self.started == arrivals + int(self.cancelled.sum()) + self.lost + self.in_flight
 
     @property
     def num_discarded(self) -> int:
@@ -295,7 +304,7 @@ class Simulation:
             accepted=column(3, bool), version=column(4, np.int64), cancelled=column(5, np.int64),
             metric=column(6, np.float64), death=column(7, bool),
             initial_metric=self.initial_metric, started=self.started, lost=self.lost, end_time=end_time,
-            metric_name=self.objective.metric_name, wall_s=self.wall_s,
+            metric_name=self.objective.metric_name, in_flight=int(np.isfinite(self.finish).sum()), wall_s=self.wall_s,
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -143,7 +143,7 @@ def _virtual(task: Any, method: str, options: dict, *, n: int, profile: str, sec
         "discard_rate": (pushed - trace.num_accepted) / pushed if pushed else 0.0,
         "gradients_per_worker": [delivered.get(i, 0) for i in range(n)],
         "accepted_per_worker": [accepted.get(i, 0) for i in range(n)],
-        "cancelled": int(trace.cancelled.sum()), "accounting_ok": True,
+        "cancelled": int(trace.cancelled.sum()), "accounting_ok": trace.accounting_ok,
         "metric": trace.metric_name, "evals": list(zip(times.tolist(), values.tolist())),
         "final_metric": float(values[-1]), "train_loss": float(np.mean(losses[-10:])) if losses else None,
         "base_seconds": base[0], "time_model": {"profile": profile, "tau": time_model.base.tolist(), "jitter": 0.05},
