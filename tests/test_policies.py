@@ -238,7 +238,7 @@ def test_load_state_dict_refuses_negative_counters_and_changes_nothing():
 
 
 @pytest.mark.parametrize("damage, match", [
-    (lambda st: st["rule"]["groups"][0].update(lr=math.nan), r"\['lr'\]"),
+    (lambda st: st["rule"]["groups"][0].update(lr=math.nan), r"param_groups\[0\]: lr"),
     (lambda st: st["rule"]["groups"][0].update(radius=-1.0), r"\['radius'\]"),
     (lambda st: st["rule"]["groups"][0].update(norm="frobnorm"), r"\['norm'\]"),
     (lambda st: st["rule"]["groups"][0].update(lmo_options={"steps": -1}), "steps"),

@@ -66,7 +66,8 @@ from torch.optim.optimizer import required
 from .. import ops
 from ..coefficients import POLAR_EXPRESS
 from ..optim.composite import CompositeMixin
-from ..optim.gluon import MOMENTUM, _check_number, _closure_loss, _collect_grads, check_lr, matrix_shape
+from ..optim.checks import check_lr, check_number
+from ..optim.gluon import MOMENTUM, _closure_loss, _collect_grads, matrix_shape
 
 __all__ = ["RingmasterMuonAdamW", "EXTRAS", "nanochat_coefficients", "install", "patch"]
 
@@ -322,9 +323,9 @@ def _check_muon_params(group: dict[str, Any], where: str) -> None:
 def _check_muon_hyper(group: dict[str, Any], where: str) -> None:
     """What the training loop may rewrite between steps; cheap, so checked every step."""
     check_lr(where, group["lr"])
-    _check_number(where, "momentum", group["momentum"], high=1.0)
-    _check_number(where, "beta2", group["beta2"], high=1.0)
-    _check_number(where, "weight_decay", group["weight_decay"])
+    check_number(where, "momentum", group["momentum"], high=1.0)
+    check_number(where, "beta2", group["beta2"], high=1.0)
+    check_number(where, "weight_decay", group["weight_decay"])
     nanochat_coefficients(group["ns_steps"])
     for key in (*EXTRAS, "maximize"):
         if not isinstance(group[key], bool):

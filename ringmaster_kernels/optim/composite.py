@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import required
 
-from .gluon import SKIPPED, LMOStateMixin, _check_number
+from .checks import check_number
+from .gluon import SKIPPED, LMOStateMixin
 
 
 def _step_unhooked(opt: torch.optim.Optimizer) -> None:
@@ -131,7 +132,7 @@ class CompositeMixin(LMOStateMixin):
         if isinstance(inner, torch.optim.AdamW):
             for gi, group in enumerate(self.param_groups):
                 if group["kind"] == kind and "momentum" in group:
-                    _check_number(f"param_groups[{gi}]", "momentum", group["momentum"], high=1.0)
+                    check_number(f"param_groups[{gi}]", "momentum", group["momentum"], high=1.0)
                     group["betas"] = (group["momentum"], *group["betas"][1:])
         _step_unhooked(inner)
 

@@ -30,6 +30,7 @@ import torch
 
 from .. import norms, ops
 from ..backend import check_backend
+from .checks import check_lr, check_number
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 MOMENTUM = "momentum_buffer"  # fp32 for every parameter dtype, as ops.lmo_step_ requires
@@ -364,29 +365,12 @@ def _gluon_step_sizes(grads: list[torch.Tensor], group: dict[str, Any], options:
     return torch.where(denominator > 0, dual / denominator, torch.zeros_like(dual)).tolist()
 
 
-def _check_number(where: str, name: str, value: object, high: float = math.inf) -> None:
-    """ValueError unless ``0 <= value < high`` is a real number (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < high:
-        bound = "a finite number >= 0" if high == math.inf else f"in [0, {high:g})"
-        raise ValueError(f"{where}: {name} must be {bound}, got {value!r}")
-
-
-def check_lr(where: str, lr: object) -> float:
-    """``lr`` as a float: a number >= 0 or a 1-element tensor (a scheduler may set either)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{where}: lr must be a number or a 1-element tensor, got shape {tuple(lr.shape)}")
-        lr = float(lr)
-    _check_number(where, "lr", lr)
-    return float(lr)  # type: ignore[arg-type]
-
-
 def _check_hyper(group: dict[str, Any], where: str) -> None:
     """Options a scheduler or user may rewrite between steps; cheap, so checked each step."""
     check_lr(where, group["lr"])
-    _check_number(where, "momentum", group["momentum"], high=1.0)
-    _check_number(where, "weight_decay", group["weight_decay"])
-    _check_number(where, "radius", group["radius"])
+    check_number(where, "momentum", group["momentum"], high=1.0)
+    check_number(where, "weight_decay", group["weight_decay"])
+    check_number(where, "radius", group["radius"])
     for key in ("nesterov", "maximize"):
         if not isinstance(group.get(key, False), bool):
             raise TypeError(f"{where}: {key} must be a bool, got {type(group[key]).__name__}")
@@ -394,8 +378,8 @@ def _check_hyper(group: dict[str, Any], where: str) -> None:
     if (L0 is None) != (L1 is None):
         raise ValueError(f"{where}: give both L0 and L1 for Gluon's step-size rule, or neither")
     if L0 is not None:
-        _check_number(where, "L0", L0)
-        _check_number(where, "L1", L1)
+        check_number(where, "L0", L0)
+        check_number(where, "L1", L1)
         if L0 == 0 and L1 == 0:
             raise ValueError(f"{where}: L0 and L1 cannot both be 0")
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..backend import check_backend
 from .composite import CompositeMixin
-from .gluon import Gluon, _check_number, _closure_loss, _collect_grads, matrix_shape
+from .checks import check_number
+from .gluon import Gluon, _closure_loss, _collect_grads, matrix_shape
 
 ROLES = ("hidden", "embedding", "head", "vector")
 KINDS = ("gluon", "adamw")
@@ -81,13 +82,13 @@ def _real(value: Any) -> Any:
 def _check_adamw(where: str, lr: Any, betas: Any, eps: Any, weight_decay: Any, prefix: str = "") -> None:
     """ValueError naming the option unless AdamW's are sane: torch.optim.AdamW checks only
     its defaults, so a group's lr=nan, betas=(1.5, 2) or eps=-1 would reach the step."""
-    _check_number(where, f"{prefix}lr", _real(lr))
+    check_number(where, f"{prefix}lr", _real(lr))
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: {prefix}betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
     for k, beta in enumerate(betas):
-        _check_number(where, f"{prefix}betas[{k}]", _real(beta), high=1.0)
-    _check_number(where, f"{prefix}eps", eps)
-    _check_number(where, f"{prefix}weight_decay", weight_decay)
+        check_number(where, f"{prefix}betas[{k}]", _real(beta), high=1.0)
+    check_number(where, f"{prefix}eps", eps)
+    check_number(where, f"{prefix}weight_decay", weight_decay)
 
 
 def _apply_overrides(groups: list[dict[str, Any]], overrides: Mapping[str, Mapping[str, Any]] | None) -> list[dict[str, Any]]:

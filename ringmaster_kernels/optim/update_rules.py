@@ -27,24 +27,10 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkabl
 import torch
 
 from .. import norms, ops
+from .checks import check_lr, check_number
 
 _GROUP_KEYS = ("params", "norm", "radius", "lr", "lmo_options")
 Schedule = Callable[[int, torch.optim.Optimizer], None]
-
-
-def check_lr(lr: object, name: str = "lr") -> float:
-    """``lr`` as a float; TypeError/ValueError naming ``name`` unless it is a finite number >= 0."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(lr).__name__}")
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {lr}")
-    return float(lr)
-
-
-def check_momentum(beta: object, name: str = "momentum") -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta < 1.0):
-        raise ValueError(f"{name} must be a number in [0, 1), got {beta!r}")
-    return float(beta)
 
 
 @runtime_checkable
@@ -118,8 +104,8 @@ class LMOMomentum:
         backend: str | None = "auto",
         fused: bool = False,
     ) -> None:
-        self.lr = check_lr(lr)
-        self.momentum = check_momentum(momentum)
+        self.lr = check_lr("LMOMomentum", lr)
+        self.momentum = check_number("LMOMomentum", "momentum", momentum, high=1.0)
         self.nesterov = bool(nesterov)
         self.backend = backend
         self.fused = bool(fused)
@@ -158,7 +144,7 @@ class LMOMomentum:
                 "params": tensors,
                 "norm": raw.get("norm", norm),
                 "radius": float(group_radius),
-                "lr": check_lr(raw.get("lr", self.lr), f"param_groups[{i}]['lr']"),
+                "lr": check_lr(f"param_groups[{i}]", raw.get("lr", self.lr)),
                 "lmo_options": dict(options),
             }
             if group["norm"] is not None and group["norm"] not in norms.NORMS:
