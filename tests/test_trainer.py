@@ -164,6 +164,21 @@ def test_a_slow_healthy_worker_is_not_taken_for_a_hung_one():
     check_accounting(summary)
 
 
+class ClosingWorker(LocalWorker):
+    closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.parametrize("fault", [None, Fault("raise", 0)])
+def test_the_trainer_closes_every_body_once_its_run_ends(fault):
+    """Remote proxies hold a sender thread each; the run ends them, whatever its end."""
+    workers = [ClosingWorker(batch_size=4), ClosingWorker(batch_size=4, fault=fault)]
+    linear_trainer(workers).run(max_updates=5, max_time=RUN_LIMIT)
+    assert [w.closed for w in workers] == [1, 1]
+
+
 def test_all_workers_lost_stops_the_run():
     workers = [LocalWorker(batch_size=4, fault=Fault("raise", 0)) for _ in range(2)]
     summary = linear_trainer(workers).run(max_time=RUN_LIMIT)

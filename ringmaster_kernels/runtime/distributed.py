@@ -127,8 +127,11 @@ class RemoteWorker:
                 return  # a dead peer or a closed group: the proxy thread's pending recv reports it
 
     def close(self) -> None:
-        """End the cancellation sender once its queued messages are sent."""
-        self._cancels.put(None)
+        """End the cancellation sender once its queued messages are sent (the trainer
+        calls this when its run ends; a proxy never set up has nothing to end)."""
+        cancels = getattr(self, "_cancels", None)
+        if cancels is not None:
+            cancels.put(None)
 
     def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
         if job.ready is not None:

@@ -283,6 +283,10 @@ class AsyncTrainer:
                 if export is not None:
                     self.exported = export(self.model, self.policy, self.version, self.evals[-1][2])
         finally:
+            for body in self.workers:  # a body holding threads or connections lets go of them
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
             torch.set_num_threads(old_threads)
             sys.setswitchinterval(old_switch)
         return self.summary()

@@ -83,7 +83,8 @@ class WorkerBody(Protocol):
     ``compute`` returns ``(flat gradient, loss)``, or ``None`` for a job abandoned
     because ``job.cancelled()`` became true. A body that computes out of this process
     may also define ``interrupt(cancel_before)``: the server calls it when the running
-    job is cancelled (local bodies see ``job.cancelled()`` and wake from ``sleep_until``).
+    job is cancelled (local bodies see ``job.cancelled()`` and wake from ``sleep_until``),
+    and ``close()``: the trainer calls it once its run has ended.
     """
 
     device: torch.device
