@@ -85,7 +85,8 @@ def main(argv: list[str]) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
         cuda = torch.cuda.is_available()
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
-        task = NanoChatTask(args.nanochat_dir, rest, device=devices[0], tag_prefix=f"ringmaster_{args.clock}")
+        task = NanoChatTask(args.nanochat_dir, rest, accum_steps=args.accum, device=devices[0],
+                            tag_prefix=f"ringmaster_{args.clock}")
     except ValueError as exc:
         raise SystemExit(f"nanochat_async: {exc}") from None
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

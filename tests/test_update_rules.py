@@ -118,3 +118,20 @@ def test_optimizer_rule_state_round_trips_through_the_policy():
     other.load_state_dict(state)
     assert other.version == 1
     assert math.isclose(other.rule.optimizer.state_dict()["state"][0]["step"].item(), 1.0)
+
+
+def test_a_failing_schedule_or_step_leaves_no_gradient_lent_and_no_factor_applied():
+    p = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.5)
+
+    def bad_schedule(version, optimizer):
+        raise RuntimeError("schedule broke")
+
+    with pytest.raises(RuntimeError, match="schedule broke"):
+        OptimizerRule(opt, schedule=bad_schedule).apply([torch.ones(3)], version=0, lr_factor=0.5, momentum=0.0)
+    assert p.grad is None and opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.5
+    opt.step = lambda: (_ for _ in ()).throw(RuntimeError("step broke"))
+    with pytest.raises(RuntimeError, match="step broke"):
+        OptimizerRule(opt).apply([torch.ones(3)], version=0, lr_factor=0.5, momentum=0.0)
+    assert p.grad is None and opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.5
+    assert torch.equal(p.detach(), torch.zeros(3))

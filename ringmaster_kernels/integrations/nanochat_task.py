@@ -92,7 +92,8 @@ def load_checkout(root: str | os.PathLike) -> dict[str, Any]:
 
 def base_train_parser() -> argparse.ArgumentParser:
     """The model, data and optimizer arguments of base_train this task honours (same names
-    and defaults, except ``--num-iterations``: the schedules' horizon, required here)."""
+    and defaults, except ``--num-iterations``: the schedules' horizon, 1000 unless given,
+    where base_train derives it from a FLOPs or data budget)."""
     p = argparse.ArgumentParser(prog="base_train arguments", add_help=False)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--aspect-ratio", type=int, default=64)
@@ -256,8 +257,9 @@ class NanoChatTask:
         base_train_args: base_train's model/data/optimizer arguments (see
             :func:`base_train_parser`), e.g. ``["--depth=2", "--max-seq-len=128"]``.
         batch_tokens: tokens per update the recipe's lr/weight-decay scaling assumes
-            (base_train's total batch size); default ``--total-batch-size`` or one
-            device batch.
+            (base_train's total batch size); default ``--total-batch-size``, else the
+            ``accum_steps`` device batches of one worker's gradient.
+        accum_steps: device batches each worker accumulates per gradient.
         device: where models are built (workers move their replicas to their device).
         export_dir: where :meth:`export` writes NanoChat checkpoints (default
             ``<NanoChat base dir>/base_checkpoints``).
@@ -269,7 +271,7 @@ class NanoChatTask:
     metric_name = "val_bpb"
 
     def __init__(self, nanochat_dir: str | os.PathLike, base_train_args: Sequence[str] = (), *,
-                 batch_tokens: int | None = None, device: str | torch.device = "cpu",
+                 batch_tokens: int | None = None, accum_steps: int = 1, device: str | torch.device = "cpu",
                  export_dir: str | os.PathLike | None = None, tag_prefix: str = "ringmaster",
                  optimizer_options: dict | None = None) -> None:
         self.args = parse_base_train_args(base_train_args)
@@ -280,8 +282,10 @@ class NanoChatTask:
         self.token_bytes = tokenizer_mod.get_token_bytes(device="cpu")
         self.config = self._config(self.args.depth)
         a = self.args
-        if batch_tokens is None:
-            batch_tokens = a.total_batch_size if a.total_batch_size > 0 else a.device_batch_size * a.max_seq_len
+        if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+            raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
+        if batch_tokens is None:  # one update is one worker's gradient: accum_steps device batches
+            batch_tokens = a.total_batch_size if a.total_batch_size > 0 else a.device_batch_size * a.max_seq_len * accum_steps
         scaling = self._scaling_params(self.config)
         self.recipe = Recipe(a, batch_tokens, scaling, self._scaling_params(self._config(12)))
         self.optimizer_options = dict(optimizer_options or {})

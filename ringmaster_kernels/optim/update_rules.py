@@ -255,18 +255,18 @@ class OptimizerRule:
     def apply(self, grads: Sequence[torch.Tensor], version: int, lr_factor: float = 1.0,
               momentum: float | None = None) -> None:
         check_grads(grads, self.params)
-        for p, g in zip(self.params, grads):
-            p.grad = g if g.dtype == p.dtype and g.device == p.device else g.to(p)
-        if self.schedule is not None:
-            self.schedule(version, self.optimizer)
         saved = []
-        for group in self.optimizer.param_groups:
-            saved.append((group["lr"], group.get("momentum")))
-            if lr_factor != 1.0:
-                group["lr"] = group["lr"] * lr_factor
-            if momentum is not None and "momentum" in group:
-                group["momentum"] = momentum
-        try:
+        try:  # whatever fails (the schedule included), no gradient stays lent as .grad
+            for p, g in zip(self.params, grads):
+                p.grad = g if g.dtype == p.dtype and g.device == p.device else g.to(p)
+            if self.schedule is not None:
+                self.schedule(version, self.optimizer)
+            for group in self.optimizer.param_groups:
+                saved.append((group["lr"], group.get("momentum")))
+                if lr_factor != 1.0:
+                    group["lr"] = group["lr"] * lr_factor
+                if momentum is not None and "momentum" in group:
+                    group["momentum"] = momentum
             self.optimizer.step()
         finally:
             for group, (lr, beta) in zip(self.optimizer.param_groups, saved):
