@@ -1,4 +1,5 @@
 """Virtual-time simulator: event order and clock, determinism, formulas, faults, the CLI."""
+import copy
 import dataclasses
 import json
 import math
@@ -514,3 +515,24 @@ def test_paused_checkpointed_run_resumes_bit_for_bit(method, tmp_path):
         np.testing.assert_array_equal(getattr(resumed, field), getattr(whole, field))
     assert resumed.started == whole.started and resumed.end_time == whole.end_time
     assert torch.equal(second.policy.params[0], whole_sim.policy.params[0])
+
+
+def test_a_state_that_fails_half_way_leaves_the_simulation_as_it_was():
+    def build():
+        objective = TridiagonalQuadratic(16, noise=0.01)
+        policy = make_policy("ringmaster", objective.initial_params(), num_workers=4, lr=0.05, norm="l2", threshold=2)
+        return Simulation(policy, objective, make_time_model("paper", 4, seed=1), horizon=30.0, seed=2)
+
+    first = build()
+    first.run(pause_after=20)
+    saved = first.state_dict()
+    fresh = build()
+    fresh.run(pause_after=5)
+    before = copy.deepcopy(fresh.state_dict())
+    for damage in ({"sampler": {"bogus": 1}}, {"params": saved["params"][:0]}, {"idle": torch.zeros(3, dtype=torch.bool)}):
+        with pytest.raises(ValueError, match="state"):
+            fresh.load_state_dict({**saved, **damage})
+        after = fresh.state_dict()
+        assert after["policy"]["counters"] == before["policy"]["counters"] and after["rows"] == before["rows"]
+        assert torch.equal(after["params"][0], before["params"][0]) and after["now"] == before["now"]
+        assert after["grad_rng"] == before["grad_rng"]

@@ -17,6 +17,7 @@ gradient noise. Given the seed, a run is reproducible bit for bit.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -330,11 +331,25 @@ class Simulation:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict` of a simulation built the same way."""
+        """Continue from :meth:`state_dict` of a simulation built the same way. A state
+        that does not fit is a ValueError and leaves the simulation as it was."""
         n = self.n
         for key in ("finish", "start_version", "idle"):
-            if tuple(state[key].shape) != (n,):
-                raise ValueError(f"state: {key} has shape {tuple(state[key].shape)}, this simulation has {n} workers")
+            if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != (n,):
+                raise ValueError(f"state: {key} must be a tensor of shape ({n},), one entry per worker")
+        params = state["params"]
+        if not isinstance(params, (list, tuple)) or len(params) != len(self.policy.params) or not all(
+                isinstance(t, torch.Tensor) and t.shape == p.shape for t, p in zip(params, self.policy.params)):
+            raise ValueError("state: params must hold one tensor per policy parameter, of its shape")
+        # each part validates itself while loading: put every part back if a later one fails
+        before = copy.deepcopy(self.state_dict())
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            self._restore(before)
+            raise ValueError(f"state does not fit this simulation: {type(exc).__name__}: {exc}") from None
+
+    def _restore(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         with torch.no_grad():
             for p, saved in zip(self.policy.params, state["params"], strict=True):
