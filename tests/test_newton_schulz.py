@@ -77,6 +77,25 @@ def test_update_matches_matmul_into_strided_out(dtype, beta):
     _close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_inverse_norm_kernels_match_the_twin_and_float64(dtype, monkeypatch):
+    # 5 matrices of 45 x 300, read through a transposed view: ragged tiles on both axes;
+    # one zero matrix (factor 0) and one holding NaN (factor 0, the NaN stays in the data)
+    G = _randn(5, 300, 45, dtype=dtype, seed=3).mT
+    G[1] = 0
+    G[3, 4, 7] = float("nan")
+    monkeypatch.setattr(ns, "_MAX_GRID_Y", 2)  # three chunks of the batch
+    got = ns.inverse_norm(G, 1.01, 1e-7)
+    twin = reference.inverse_norm(G, 1.01, 1e-7).reshape(-1)
+    exact = 1.0 / (torch.linalg.vector_norm(G.double(), dim=(-2, -1)) * 1.01 + 1e-7)
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    assert got[1] == 0 and got[3] == 0 and twin[1] == 0 and twin[3] == 0
+    keep = [0, 2, 4]
+    # both sum in fp32 (fp64 for fp64 input) in different orders: a few fp32 ulps apart
+    torch.testing.assert_close(got[keep], twin[keep], rtol=2e-6, atol=0)
+    torch.testing.assert_close(got[keep].double(), exact[keep], rtol=2e-6, atol=0)
+
+
 # -------------------------------------------------------- the whole iteration vs the twin
 SHAPES = [(24, 40), (40, 24), (33, 33), (1, 50), (50, 1), (3, 20, 36), (2, 2, 17, 20)]
 

@@ -49,9 +49,14 @@ def test_launch_counts_per_step_and_shape_group():
     launches = launch_counts(shapes, "cpu", torch.float32, backend="triton")
     groups = launches["per_shape_group"]
     assert set(groups) == {"16x16", "32x16", "16x32"}
-    # per group: momentum pass, 5 Newton–Schulz steps of 3 launches, update pass
+    # per group: momentum pass, normalization (2), 5 Newton–Schulz steps of 3 launches, update pass
+    norm = {"_sumsq_kernel": 1, "_inverse_norm_kernel": 1}
     for counts in groups.values():
-        assert counts["triton_by_kernel"] == {"_stats_kernel": 1, "_syrk_kernel": 10, "_update_kernel": 6}
+        assert counts["triton_by_kernel"] == {"_stats_kernel": 1, **norm, "_syrk_kernel": 10, "_update_kernel": 6}
     # one list: the two elementwise passes cover every group, Newton–Schulz runs per group
-    assert launches["step"]["triton_by_kernel"] == {"_stats_kernel": 1, "_syrk_kernel": 30, "_update_kernel": 16}
+    assert launches["step"]["triton_by_kernel"] == {"_stats_kernel": 1, "_sumsq_kernel": 3, "_inverse_norm_kernel": 3,
+                                                    "_syrk_kernel": 30, "_update_kernel": 16}
+    # what is left of torch per group is the non-finite guard and the elementwise passes'
+    # bookkeeping, none of it the normalization any more
+    assert not {"linalg_vector_norm", "reciprocal", "where"} & set(launches["step"]["torch_by_op"])
     assert launches["step"]["torch"] > 0

@@ -12,7 +12,8 @@ One iteration ``X <- a X + (b A + c A A) X`` with ``A = X X^T`` is three launche
 
 Every kernel takes the batch as grid axis 1, computes offsets in int64, masks ragged
 edges and accepts any strides. Tall matrices (m > n) are iterated on their transposed
-*view* (strides swapped), so no transpose copy is made. The Frobenius normalization is
+*view* (strides swapped), so no transpose copy is made. The Frobenius norms come from
+two small reductions (``_sumsq_kernel``, ``_inverse_norm_kernel``), and the scaling is
 folded into the first iteration's epilogues (``s^2`` on X X^T, ``s`` on the update), so
 it is never a separate elementwise pass and the k loops stay plain loads the compiler
 pipelines (async copies, an MMA in flight; see ``ringmaster inspect sm90``). An fp16
@@ -30,7 +31,7 @@ from ..backend import interpreting
 from ..coefficients import Coefficients, schedule
 from .launches import launch
 
-# CUDA caps grid axis 1 at 65535; larger batches are launched in chunks of views.
+# CUDA caps grid axes 1 and 2 at 65535; larger batches are launched in chunks of views.
 _MAX_GRID_Y = 65535
 
 _TL_DTYPES = {
@@ -103,6 +104,47 @@ def _load_scaled(ptrs, mask, in_scale, SCALE_ON_LOAD: tl.constexpr, COMPUTE: tl.
     return x.to(COMPUTE)
 
 
+# The Frobenius normalization: per-tile partial sums of squares, then one program per
+# matrix adds its partials in a fixed order (deterministic, unlike atomics) and writes
+# ``1 / (safety * ||G||_F + eps)``: two launches for any batch, in place of about eight
+# small torch kernels. A tile of 4096 elements keeps a program's load a few KB.
+_NORM_TILE = (32, 128)
+_NORM_SUM_BLOCK = 1024
+
+
+@triton.jit
+def _sumsq_kernel(
+    X, Partial, M, N, TILES_N,
+    stride_b, stride_m, stride_n,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial[b, t] = sum of squares of tile t of X[b] (M, N), in ACC. Grid: (tiles, batch)."""
+    t = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    rows = ((t // TILES_N) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = ((t % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(X + batch * stride_b + rows[:, None] * stride_m + cols[None, :] * stride_n, mask=mask, other=0.0)
+    x = x.to(ACC)
+    tl.store(Partial + batch * tl.num_programs(0) + t, tl.sum(tl.sum(x * x, axis=1), axis=0))
+
+
+@triton.jit
+def _inverse_norm_kernel(Partial, Out, NUM, safety, eps, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[b] = fp32 1 / (safety * sqrt(sum Partial[b, :]) + eps), 0 where the norm is 0
+    (or NaN: the NaN then reaches the iteration through the data). Grid: (batch,)."""
+    batch = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=ACC)
+    for start in range(0, NUM, BLOCK):
+        idx = start + offsets
+        acc += tl.load(Partial + batch * NUM + idx, mask=idx < NUM, other=0.0)
+    # the norm rounded to fp32 first, then fp32 arithmetic, as reference.inverse_norm does
+    norm = tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32)
+    inverse = tl.where(norm > 0, 1.0 / (norm * safety + eps), 0.0)
+    tl.store(Out + batch, inverse)
+
+
 # Neither kernel writes a tensor it reads, except _update_kernel's ``Out`` when
 # HAS_BETA (it accumulates into it); that one is restored between autotuning trials.
 @triton.autotune(configs=_syrk_configs(), key=["M", "K", "BATCH", "HAS_Y"], prune_configs_by={"early_config_prune": _prune})
@@ -164,10 +206,14 @@ def _syrk_kernel(
         acc += beta * y.to(ACC)
     Out = Out + batch * stride_ob
     result = acc.to(Out.dtype.element_ty)
-    tl.store(Out + rows[:, None] * stride_om + cols[None, :] * stride_on, result, mask=tile_ok)
-    if i != j:  # mirror below the diagonal; a diagonal tile already holds both halves
-        tl.store(Out + cols[:, None] * stride_om + rows[None, :] * stride_on, tl.trans(result),
-                 mask=col_ok[:, None] & row_ok[None, :])
+    # (r, c) and (c, r) of a diagonal tile are separate dot products, and neither an MMA
+    # unit nor a CPU BLAS (the interpreter) promises to round them alike. So each tile
+    # stores only its elements on or above the diagonal and mirrors those strictly above
+    # it; for an off-diagonal tile (i < j) that is the whole tile both times.
+    upper = tile_ok & (rows[:, None] <= cols[None, :])
+    tl.store(Out + rows[:, None] * stride_om + cols[None, :] * stride_on, result, mask=upper)
+    mirror = col_ok[:, None] & row_ok[None, :] & (cols[:, None] > rows[None, :])
+    tl.store(Out + cols[:, None] * stride_om + rows[None, :] * stride_on, tl.trans(result), mask=mirror)
 
 
 @triton.autotune(
@@ -252,9 +298,35 @@ def _scale_on_load(source: torch.dtype, compute: torch.dtype) -> bool:
     return compute == torch.float64 or (compute == torch.float16 and source != torch.float16)
 
 
-def _chunks(batch: int):
+def _batch_parts(batch: int, *tensors: torch.Tensor | None):
+    """The tensors themselves when the batch fits one grid (no view is made); else views
+    of at most ``_MAX_GRID_Y`` batch entries each (``None`` stays ``None``)."""
+    if batch <= _MAX_GRID_Y:
+        yield tensors
+        return
     for start in range(0, batch, _MAX_GRID_Y):
-        yield slice(start, min(start + _MAX_GRID_Y, batch))
+        part = slice(start, min(start + _MAX_GRID_Y, batch))
+        yield tuple(None if t is None else t[part] for t in tensors)
+
+
+def inverse_norm(G: torch.Tensor, safety: float, eps: float) -> torch.Tensor:
+    """fp32 ``1 / (safety * ||G[b]||_F + eps)`` per matrix of G (batch, m, n), shape
+    (batch,); 0 for a zero matrix. Twin: :func:`reference.inverse_norm` (sums in fp32,
+    fp64 for fp64 input; the order of the sum differs, so the last bits may)."""
+    batch, m, n = G.shape
+    acc = tl.float64 if G.dtype == torch.float64 else tl.float32
+    block_m, block_n = _NORM_TILE
+    tiles_n = triton.cdiv(n, block_n)
+    tiles = triton.cdiv(m, block_m) * tiles_n
+    partial = torch.empty(batch, tiles, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32,
+                          device=G.device)
+    out = torch.empty(batch, dtype=torch.float32, device=G.device)
+    for g, p, o in _batch_parts(batch, G, partial, out):
+        launch(_sumsq_kernel, (tiles, g.shape[0]), G.device, g, p, m, n, tiles_n, *g.stride(),
+               ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n)
+        launch(_inverse_norm_kernel, (g.shape[0],), G.device, p, o, tiles, float(safety), float(eps),
+               ACC=acc, BLOCK=_NORM_SUM_BLOCK)
+    return out
 
 
 def syrk(
@@ -280,9 +352,8 @@ def syrk(
     batch, M, K = P.shape
     acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
     y = out if Y is None else Y  # a placeholder pointer when HAS_Y is False
-    for part in _chunks(batch):
-        p, o, yy = P[part], out[part], y[part]
-        scale = in_scale[part] if in_scale is not None else o
+    for p, yy, o, scale in _batch_parts(batch, P, y, out, in_scale):
+        scale = o if scale is None else scale  # a placeholder pointer when HAS_SCALE is False
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK"]) * (triton.cdiv(M, meta["BLOCK"]) + 1) // 2, p.shape[0])
         launch(
             _syrk_kernel, grid, out.device, p, yy, o, scale,
@@ -317,9 +388,8 @@ def update(
     """
     batch, M, N = X.shape
     acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
-    for part in _chunks(batch):
-        b, x, o = Bm[part], X[part], out[part]
-        scale = in_scale[part] if in_scale is not None else o
+    for b, x, o, scale in _batch_parts(batch, Bm, X, out, in_scale):
+        scale = o if scale is None else scale  # a placeholder pointer when HAS_SCALE is False
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), x.shape[0])
         launch(
             _update_kernel, grid, out.device, b, x, o, scale,
@@ -379,7 +449,7 @@ def orthogonalize(
     aliased = steps == 1 and out.untyped_storage().data_ptr() == G.untyped_storage().data_ptr()
     target = O3 if O3 is not None and not aliased else out.reshape(-1, m, n).clone()
 
-    inv_norm = reference.inverse_norm(G3, sched.safety, eps).reshape(-1)
+    inv_norm = inverse_norm(G3, sched.safety, eps)
     tall = m > n
     X = G3.mT if tall else G3  # the wide orientation, as a strided view
     dst_final = target.mT if tall else target
