@@ -147,7 +147,12 @@ def _inverse_norm_kernel(Partial, Out, NUM, safety, eps, ACC: tl.constexpr, BLOC
 
 # Neither kernel writes a tensor it reads, except _update_kernel's ``Out`` when
 # HAS_BETA (it accumulates into it); that one is restored between autotuning trials.
-@triton.autotune(configs=_syrk_configs(), key=["M", "K", "BATCH", "HAS_Y"], prune_configs_by={"early_config_prune": _prune})
+# Autotune keys hold the strides of the operands read along their inner dimension: a
+# (768, 3072) matrix and the transposed view of a (3072, 768) one share M, K and BATCH
+# but compile to different specialisations (which stride is 1), and may want different
+# configs. Results are cached on disk (Triton's cache), so a new process does not re-time.
+@triton.autotune(configs=_syrk_configs(), key=["M", "K", "BATCH", "HAS_Y", "stride_pm", "stride_pk"],
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _syrk_kernel(
     P, Y, Out, in_scale,
@@ -218,9 +223,10 @@ def _syrk_kernel(
 
 @triton.autotune(
     configs=_update_configs(),
-    key=["M", "N", "BATCH", "HAS_BETA"],
+    key=["M", "N", "BATCH", "HAS_BETA", "stride_bm", "stride_bk", "stride_xm", "stride_xn", "stride_om", "stride_on"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["Out"],
+    cache_results=True,
 )
 @triton.jit
 def _update_kernel(
