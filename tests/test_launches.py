@@ -53,7 +53,7 @@ def recorder(monkeypatch):
     monkeypatch.setattr(launches, "device_guard", rec.guard)
     monkeypatch.setattr(lmo_kernels, "device_guard", rec.guard)
     for module in (ns, lmo_kernels):
-        for name in ("_syrk_kernel", "_update_kernel", "_stats_kernel"):
+        for name in ("_syrk_kernel", "_update_kernel", "_stats_kernel", "_sumsq_kernel", "_inverse_norm_kernel"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, rec.kernel(f"{module.__name__}.{name}"))
     return rec
@@ -63,7 +63,8 @@ def test_newton_schulz_launches_inside_the_tensors_device_guard(recorder):
     G = torch.randn(2, 20, 36)
     ops.orthogonalize(G, steps=2, backend="triton")
     names = [name for name, _ in recorder.calls]
-    assert names == [f"{ns.__name__}.{k}" for k in ("_syrk_kernel", "_syrk_kernel", "_update_kernel")] * 2
+    norm = [f"{ns.__name__}.{k}" for k in ("_sumsq_kernel", "_inverse_norm_kernel")]
+    assert names == norm + [f"{ns.__name__}.{k}" for k in ("_syrk_kernel", "_syrk_kernel", "_update_kernel")] * 2
     assert all(device == G.device for _, device in recorder.calls)
 
 
@@ -123,3 +124,24 @@ def test_counter_sees_nothing_outside_its_block_and_does_not_nest():
                 pass
     ops.orthogonalize(_randn(20, 36), steps=1, backend="triton")
     assert not counts.triton and not counts.torch
+
+
+def test_a_warm_step_reuses_its_address_table_and_new_tensors_get_their_own():
+    def tensors(seed):
+        g = torch.Generator().manual_seed(seed)
+        xs = [torch.randn(20, 36, generator=g).to(KERNEL_DEVICE) for _ in range(3)]
+        return xs, [torch.randn(x.shape, generator=g).to(KERNEL_DEVICE) for x in xs], [torch.zeros_like(x) for x in xs]
+
+    xs, gs, ms = tensors(0)
+    ops.lmo_step_(xs, gs, ms, norm="l2", backend="triton", **HYPER)  # builds and keeps the table
+    with launches.count_launches() as counts:
+        ops.lmo_step_(xs, gs, ms, norm="l2", backend="triton", **HYPER)
+    assert counts.triton == {"_stats_kernel": 1, "_update_kernel": 1}
+    assert "cat" not in counts.torch  # no table built, nothing uploaded
+    # other tensors of the same shapes: their own table, and the twin's result
+    ys, hs, ns_ = tensors(1)
+    ref = [y.clone() for y in ys], [h.clone() for h in hs], [m.clone() for m in ns_]
+    ops.lmo_step_(ys, hs, ns_, norm="l2", backend="triton", **HYPER)
+    ops.lmo_step_(*ref, norm="l2", backend="torch", **HYPER)
+    for got, want in zip(ys + ns_, ref[0] + ref[2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -35,7 +35,9 @@ non-deterministic at the 1e-7 level).
 """
 from __future__ import annotations
 
+import collections
 import functools
+import threading
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -241,6 +243,44 @@ def _plan(spec: Norm, scale: str, shapes: tuple[torch.Size, ...], device: torch.
     return _Plan(spec, scale, shapes, device, tile, max_bc)
 
 
+class _AddressTables:
+    """Device-resident address tables, kept per (plan, addresses).
+
+    An optimizer step launches over the same parameters, momenta and (usually reused)
+    gradient buffers every time, so the table a launch needs is almost always one it had
+    before: building it (a host tensor, a concatenation) and uploading it each step was
+    most of the host cost, and a pageable upload also blocks CUDA-graph capture. A table
+    holds nothing but its key (the addresses) and the plan's columns, so a hit is always
+    the right table, whatever now lives at those addresses.
+    """
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.maxsize = maxsize
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()  # the async runtime may step policies from several threads
+
+    def get(self, plan: "_Plan", rows: list[list[int]], device: torch.device) -> torch.Tensor:
+        # the plan itself (hashed by identity) is in the key: it stays alive with its tables
+        key = (plan, device, tuple(a for r in rows for a in r))
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+                return table
+        host = torch.cat([torch.tensor(rows, dtype=torch.int64), plan.columns], dim=1)
+        if device.type == "cuda":
+            host = host.pin_memory()  # an asynchronous upload needs page-locked memory
+        table = host.to(device, non_blocking=True)
+        with self._lock:
+            self._tables[key] = table
+            if len(self._tables) > self.maxsize:
+                self._tables.popitem(last=False)
+        return table
+
+
+_address_tables = _AddressTables()
+
+
 class _Launch:
     """The tables of one multi-tensor launch over tensors sharing device and dtypes."""
 
@@ -256,8 +296,7 @@ class _Launch:
         rows = [[_addr(x), _addr(g), _addr(m), _addr(u)] for x, g, m, u in zip(xs, gs, ms, us)]
         # the kernels' ALIGNED variant: every row length % 8 == 0, every pointer 16-byte aligned
         self.aligned = plan.aligned and all(a % 16 == 0 for r in rows for a in r)
-        addresses = torch.tensor(rows, dtype=torch.int64)
-        self.itab = torch.cat([addresses, plan.columns], dim=1).to(device, non_blocking=True)
+        self.itab = _address_tables.get(plan, rows, device)
         self.stats = torch.zeros(max(plan.n_stats, 1), dtype=torch.float32, device=device)
         # typed placeholders: kernels take pointer types from these
         self.x0, self.g0 = xs[0], gs[0]
