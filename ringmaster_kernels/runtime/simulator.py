@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..optim.policies import Decision, Policy
+from .metrics import curve_metrics, time_to
 from .objectives import Objective
 from .time_models import TimeModel
 
@@ -53,6 +54,7 @@ class Trace:
             job can end any more).
         metric_name: what ``metric`` is.
         wall_s: host seconds the simulation took.
+        stopped: ``stop_if`` ended the run at ``end_time``, before the horizon.
     """
 
     time: np.ndarray
@@ -69,6 +71,7 @@ class Trace:
     end_time: float
     metric_name: str
     wall_s: float = 0.0
+    stopped: bool = False
 
     @property
     def num_accepted(self) -> int:
@@ -87,11 +90,14 @@ class Trace:
     def final_metric(self) -> float:
         return float(self.curve()[1][-1])
 
-    def time_to_target(self, target: float) -> float | None:
-        """First virtual time the metric is ``<= target`` (``None`` if never)."""
-        times, values = self.curve()
-        hit = np.nonzero(values <= target)[0]
-        return float(times[hit[0]]) if hit.size else None
+    def time_to(self, target: float) -> tuple[float | None, float | None]:
+        """``(first_hit, sustained)`` virtual times for ``target`` (see :func:`metrics.time_to`)."""
+        return time_to(*self.curve(), target)
+
+    def metrics(self, target: float, horizon: float | None = None) -> dict[str, Any]:
+        """``time_to_target`` (sustained), ``first_hit``, ``final``, ``tail_median`` over the last
+        quarter of ``horizon`` (default: ``end_time``); see :mod:`~ringmaster_kernels.runtime.metrics`."""
+        return curve_metrics(*self.curve(), target, self.end_time if horizon is None else horizon)
 
     def delay_histogram(self, bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """``numpy.histogram`` of the delays of accepted gradients."""
@@ -116,7 +122,8 @@ class Simulation:
         seed: an int >= 0, the run's only source of randomness.
         record_every: measure the metric after every this many updates (>= 1).
         max_events: stop after this many arrivals (>= 1; ``None``: no limit).
-        stop_at: stop as soon as a measured metric is ``<= stop_at`` (``None``: never).
+        stop_if: ``stop_if(time, metric) -> bool``, asked after every measurement; the run
+            ends when it says so (``None``: never), e.g. :func:`metrics.cannot_beat`.
         progress: called with the current virtual time now and then (e.g. a tqdm update).
 
     :meth:`run` goes on until the horizon (or
@@ -137,7 +144,7 @@ class Simulation:
         seed: int = 0,
         record_every: int = 1,
         max_events: int | None = None,
-        stop_at: float | None = None,
+        stop_if: Callable[[float, float], bool] | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> None:
         n = time_model.num_workers
@@ -156,7 +163,7 @@ class Simulation:
             raise ValueError(f"max_events must be None or an int >= 1, got {max_events!r}")
         self.policy, self.objective, self.time_model = policy, objective, time_model
         self.horizon, self.record_every, self.max_events = float(horizon), record_every, max_events
-        self.stop_at, self.progress = stop_at, progress
+        self.stop_if, self.progress = stop_if, progress
         self.n = n
         self.time_rng, self.grad_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
         self.sample = time_model.sampler(self.time_rng)
@@ -177,6 +184,7 @@ class Simulation:
         self.updates_since_record = 0
         self.initial_metric: float | None = None
         self.ended = False
+        self.stopped = False
         self.wall_s = 0.0
 
     # ------------------------------------------------------------------ events
@@ -197,7 +205,7 @@ class Simulation:
     def _execute(self, worker: int, decision: Decision, death: bool) -> bool:
         """Carry out ``decision`` at ``now`` and record the event; ``death``: it came from
         ``policy.remove_worker(worker)``, so there is no arriving worker to restart.
-        Returns whether the metric reached ``stop_at``."""
+        Returns whether ``stop_if`` ended the run."""
         if not death:
             if decision.restart:
                 self._start(worker)
@@ -214,25 +222,25 @@ class Simulation:
             self.idle[:] = False
             self._start(waiting)
         metric = math.nan
-        reached = False
+        stopped = False
         if decision.advanced:
             self.updates_since_record += 1
             if self.updates_since_record >= self.record_every:
                 metric = self.objective.metric(self.policy.params)
                 self.updates_since_record = 0
-                reached = self.stop_at is not None and metric <= self.stop_at
+                stopped = self.stop_if is not None and bool(self.stop_if(self.now, metric))
         self.rows.append((self.now, worker, decision.delay, decision.accepted, decision.version, cancelled, metric, death))
-        return reached
+        return stopped
 
     def run(self, pause_after: int | None = None) -> Trace:
-        """Simulate until the end (horizon, ``max_events``, ``stop_at``, no job left) or
+        """Simulate until the end (horizon, ``max_events``, ``stop_if``, no job left) or
         until ``pause_after`` arrivals in total; returns the trace so far."""
         wall_start = time.perf_counter()
         policy, finish, death_time, dying = self.policy, self.finish, self.death_time, self.dying
         if self.initial_metric is None:
             self.initial_metric = self.objective.metric(policy.params)
             self._start(np.arange(self.n))
-        reached = False
+        stopped = False
         next_progress = self.now
         limit = self.max_events if pause_after is None else (
             pause_after if self.max_events is None else min(pause_after, self.max_events))
@@ -259,7 +267,7 @@ class Simulation:
                 decision = policy.remove_worker(worker)
                 if decision is None:
                     decision = Decision(accepted=False, advanced=False, version=policy.version, delay=0)
-                reached = self._execute(worker, decision, death=True)
+                stopped = self._execute(worker, decision, death=True)
             else:
                 version = int(self.start_version[worker])
                 snapshot = self.snapshots[version]
@@ -267,8 +275,8 @@ class Simulation:
                     worker, version, lambda: self.objective.gradient(snapshot, self.grad_rng, worker))
                 self.events += 1
                 finish[worker] = np.inf
-                reached = self._execute(worker, decision, death=False)
-            if reached:
+                stopped = self._execute(worker, decision, death=False)
+            if stopped:
                 break
             if len(self.snapshots) > 2 * self.n + 16:
                 self._prune()
@@ -277,11 +285,12 @@ class Simulation:
                 next_progress = self.now + self.horizon / 200
         if not paused:
             self.ended = True
-        ran_out = (self.max_events is not None and self.events >= self.max_events) or reached or not np.isfinite(finish).any()
+        ran_out = (self.max_events is not None and self.events >= self.max_events) or stopped or not np.isfinite(finish).any()
         end_time = self.now if (ran_out or paused) else self.horizon
         if self.progress is not None:
             self.progress(min(end_time, self.horizon))
         self.wall_s += time.perf_counter() - wall_start
+        self.stopped = stopped
         return self.trace(end_time)
 
     def trace(self, end_time: float) -> Trace:
@@ -295,7 +304,7 @@ class Simulation:
             accepted=column(3, bool), version=column(4, np.int64), cancelled=column(5, np.int64),
             metric=column(6, np.float64), death=column(7, bool),
             initial_metric=self.initial_metric, started=self.started, lost=self.lost, end_time=end_time,
-            metric_name=self.objective.metric_name, wall_s=self.wall_s,
+            metric_name=self.objective.metric_name, wall_s=self.wall_s, stopped=self.stopped,
         )
 
     # ------------------------------------------------------------------ checkpoints
