@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ringmaster_kernels import norms
+from ringmaster_kernels.optim.hetero_policies import Malenia, RescaledASGD, Ringleader
 from ringmaster_kernels.optim.policies import (
     METHODS,
     Decision,
@@ -253,7 +254,7 @@ def test_every_method_is_buildable_and_decides():
         pol = make_policy(name, [vec().view(2, 3)], num_workers=2, lr=0.1, **extra)
         d = pol.on_gradient(0, 0, grads(1)[0].view(2, 3))
         assert isinstance(d, Decision) and d.accepted
-        assert isinstance(pol, (Ringmaster, Minibatch)) or name == "delay_adaptive"
+        assert isinstance(pol, (Ringmaster, Minibatch, RescaledASGD, Ringleader, Malenia)) or name == "delay_adaptive"
 
 
 @pytest.mark.parametrize("method", ["ringmaster", "ringmaster_pa"])

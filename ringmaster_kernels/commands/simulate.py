@@ -1,4 +1,4 @@
-"""``ringmaster simulate quadratic|sweep``: the paper's quadratic experiment in virtual time.
+"""``ringmaster simulate quadratic|sweep|hetero-data``: the paper's quadratic in virtual time.
 
 ``quadratic`` runs every method on ``--seeds K`` seeds (``--seed``, ``--seed + 1``, ...) and
 prints, per method, the median and the [min, max] over seeds of the sustained time to
@@ -13,7 +13,8 @@ seeds. ``sweep`` reports Ringmaster's speed-up (sustained metric, median and IQR
 seeds) over synchronous LMO and over the best other baseline at each heterogeneity level.
 Progress goes to stderr (tqdm). Both take faults: ``--outlier WORKER:FACTOR`` (a
 straggler) and ``--die WORKER@TIME`` (a worker lost in virtual time), each repeatable,
-applied at every heterogeneity level.
+applied at every heterogeneity level. ``hetero-data`` (``commands/_hetero.py``): every
+worker its own f_i; which methods reach a stationary point of f = mean f_i.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the tuning budget: the paper's grid, or 12 points around the stored values")
     quad.add_argument("--jobs", type=int, default=1,
                       help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
+    from . import _hetero
+
+    _hetero.add_arguments(sub)
     swp = sub.add_parser("sweep", help="Ringmaster's speed-up vs heterogeneity")
     _common(swp, workers=64, dim=64, horizon=20000.0)
     swp.add_argument("--levels", type=float_list, default=(0, 0.25, 0.5, 1, 2, 4),
@@ -119,6 +123,10 @@ def _check_faults(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..runtime import experiments as ex
 
+    if args.experiment == "hetero-data":
+        from . import _hetero
+
+        return _hetero.run(args)
     try:
         _check_faults(args)
         if not (0.0 <= args.momentum < 1.0):

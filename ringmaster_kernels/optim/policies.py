@@ -187,6 +187,10 @@ class Policy:
         """``{"version", "accepted", "discarded"}`` (cancelled jobs are counted by the driver)."""
         return {"version": self.version, "accepted": self.accepted, "discarded": self.discarded}
 
+    def observe_time(self, worker: int, seconds: float) -> None:
+        """The driver measured ``worker``'s last job at ``seconds`` (told before its gradient
+        is offered). Ignored except by methods that estimate worker times online."""
+
     def remove_worker(self, worker: int) -> Decision | None:
         """The driver lost ``worker`` for good (it crashed or hung); call once per worker.
 
@@ -408,7 +412,11 @@ METHODS: dict[str, tuple[type, dict[str, Any], tuple[str, ...]]] = {
     "delay_adaptive": (DelayAdaptive, {}, _COMMON),
     "rennala": (Minibatch, {"per_worker": False}, _COMMON + ("batch",)),
     "ringmaster_asgd": (Ringmaster, {"stops": True, "norm": None, "momentum": 0.0}, ("lr", "threshold", "backend")),
+    # Euclidean SGD-type methods for heterogeneous data (optim/hetero_policies.py); "asgd" is
+    # plain asynchronous SGD, the biased baseline they correct.
+    "asgd": (Ringmaster, {"threshold": math.inf, "stops": False, "norm": None, "momentum": 0.0}, ("lr", "backend")),
 }
+# (rescaled_asgd, ringleader and malenia join this table from optim/hetero_policies.py.)
 
 
 # keywords of the built-in LMO-momentum rule: an optimizer or update rule owns these itself
@@ -437,8 +445,8 @@ def make_policy(
     _check_int(num_workers, "num_workers")  # before sync turns it into its batch
     cls, fixed, allowed = METHODS[method]
     if isinstance(params, (torch.optim.Optimizer, UpdateRule)):
-        if method == "ringmaster_asgd":
-            raise ValueError("method 'ringmaster_asgd' is the built-in Euclidean rule; it takes no optimizer or update rule")
+        if fixed.get("norm", "") is None:
+            raise ValueError(f"method {method!r} is the built-in Euclidean rule; it takes no optimizer or update rule")
         allowed = tuple(k for k in allowed if k not in _RULE_KEYS)
         fixed = {k: v for k, v in fixed.items() if k not in _RULE_KEYS}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -451,3 +459,4 @@ def make_policy(
     policy = cls(params, num_workers=num_workers, **args)
     policy.name = method
     return policy
+

@@ -172,6 +172,7 @@ class Simulation:
         dying = np.argsort(self.death_time, kind="stable")
         self.dying = dying[np.isfinite(self.death_time[dying])].tolist()
         self.finish = np.full(n, np.inf)  # job end times; inf: idle, dead or waiting
+        self.begin = np.zeros(n)  # job start times, for policies that measure compute times
         self.start_version = np.zeros(n, dtype=np.int64)
         self.idle = np.zeros(n, dtype=bool)
         self.snapshots: dict[int, list[torch.Tensor]] = {}
@@ -193,6 +194,7 @@ class Simulation:
         if version not in self.snapshots:
             self.snapshots[version] = [p.detach().clone() for p in self.policy.params]
         self.finish[workers] = self.now + self.sample(workers)
+        self.begin[workers] = self.now
         self.start_version[workers] = version
         self.started += 1 if isinstance(workers, int) else workers.shape[0]
 
@@ -271,6 +273,7 @@ class Simulation:
             else:
                 version = int(self.start_version[worker])
                 snapshot = self.snapshots[version]
+                policy.observe_time(worker, t - float(self.begin[worker]))
                 decision = policy.on_gradient(
                     worker, version, lambda: self.objective.gradient(snapshot, self.grad_rng, worker))
                 self.events += 1
@@ -318,6 +321,7 @@ class Simulation:
             "grad_rng": self.grad_rng.bit_generator.state,
             "sampler": self.sample.state_dict(),
             "finish": torch.from_numpy(self.finish.copy()),
+            "begin": torch.from_numpy(self.begin.copy()),
             "start_version": torch.from_numpy(self.start_version.copy()),
             "idle": torch.from_numpy(self.idle.copy()),
             "dying": list(self.dying),
@@ -344,6 +348,8 @@ class Simulation:
         self.grad_rng.bit_generator.state = state["grad_rng"]
         self.sample.load_state_dict(state["sampler"])  # restores the time stream too
         self.finish[:] = state["finish"].numpy()
+        if "begin" in state:  # absent from checkpoints written before policies measured times
+            self.begin[:] = state["begin"].numpy()
         self.start_version[:] = state["start_version"].numpy()
         self.idle[:] = state["idle"].numpy()
         self.dying[:] = [int(w) for w in state["dying"]]
