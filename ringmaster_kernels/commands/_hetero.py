@@ -31,12 +31,16 @@ def add_arguments(sub) -> None:
     p.add_argument("--plot", type=output_file, help="write a PNG here")
 
 
-def verdict(tail: float, bias: float, own_bias: float) -> str:
-    """``stationary point of f`` when the last-quarter ||grad f|| is under a quarter of the
-    frequency bias level; ``bias point`` when it is within a factor 1.5 of the run's own
-    accepted-frequency bias level; ``neither`` otherwise (e.g. not converged)."""
+def verdict(tail: float, previous: float, bias: float, own_bias: float) -> str:
+    """``stationary point of f`` when the last quarter's median ||grad f|| is under a quarter
+    of the frequency bias level (well past it, still falling or at its noise floor); else
+    ``not settled`` when it differs from the previous quarter's by more than 1.5x; else
+    ``bias point`` when within 1.5x of the run's own accepted-frequency bias level;
+    ``neither`` otherwise."""
     if tail < 0.25 * bias:
         return "stationary point of f"
+    if not previous / 1.5 <= tail <= 1.5 * previous:
+        return "not settled"
     if own_bias / 1.5 <= tail <= 1.5 * own_bias:
         return "bias point"
     return "neither"
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     bias = res["bias_grad_norm"]
     for rec in res["methods"].values():
         agg = rec["aggregate"]
-        rec["verdict"] = verdict(agg["tail_median"]["median"], bias, agg["accepted_bias_grad_norm"]["median"])
+        rec["verdict"] = verdict(agg["tail_median"]["median"], agg["previous_quarter_median"]["median"], bias,
+                                 agg["accepted_bias_grad_norm"]["median"])
     if args.plot:
         _plot(args.plot, res, args)
     if args.json:

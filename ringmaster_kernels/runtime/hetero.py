@@ -163,11 +163,15 @@ def compare(methods: dict[str, dict[str, Any]], *, workers: int, dim: int, zeta:
             # where a method that applied its accepted gradients with one step size would end
             counts = np.bincount(trace.worker[trace.accepted], minlength=workers).astype(np.float64)
             own = math.sqrt(objective.grad_norm_sq_at(objective.bias_point(counts)))
+            # the median over the quarter before the last: a run that has settled has the same there
+            early = t <= 0.75 * horizon
             records.append({"final": float(g[-1]), "tail_median": tail_median(t, g, horizon),
+                            "previous_quarter_median": tail_median(t[early], g[early], 0.75 * horizon),
                             "accepted": trace.num_accepted, "accepted_bias_grad_norm": own})
             curves.append((t, g))
         out["methods"][name] = {"options": dict(options),
                                 "seeds": records,
-                                "aggregate": aggregate(records, ("final", "tail_median", "accepted_bias_grad_norm")),
+                                "aggregate": aggregate(records, ("final", "tail_median", "previous_quarter_median",
+                                                                   "accepted_bias_grad_norm")),
                                 "curves": curves}
     return out
