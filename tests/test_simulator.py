@@ -543,3 +543,22 @@ def test_paused_checkpointed_run_resumes_bit_for_bit(method, tmp_path):
         np.testing.assert_array_equal(getattr(resumed, field), getattr(whole, field))
     assert resumed.started == whole.started and resumed.end_time == whole.end_time
     assert torch.equal(second.policy.params[0], whole_sim.policy.params[0])
+
+
+def test_cli_variant_names_equal_their_flags(capsys):
+    """--method ringmaster --no-stops is ringmaster_nostops; adding --no-nesterov gives Algorithm 1."""
+    base = ["simulate", "quadratic", "--workers", "16", "--dim", "8", "--horizon", "30", "--json", "--lr", "0.2",
+            "--threshold", "2", "--seeds", "2"]
+
+    def seeds(extra):
+        assert main(base + extra) == 0
+        (rec,) = json.loads(capsys.readouterr().out)["methods"].values()
+        return [{k: v for k, v in run.items() if k != "wall_s"} for run in rec["seeds"]]  # host time varies
+
+    with_stops = seeds(["--method", "ringmaster"])
+    nostops = seeds(["--method", "ringmaster_nostops"])
+    assert seeds(["--method", "ringmaster", "--no-stops"]) == nostops != with_stops
+    assert seeds(["--method", "ringmaster", "--no-stops", "--no-nesterov"]) == seeds(["--method", "ringmaster_alg1"])
+    assert seeds(["--method", "ringmaster_alg1"]) != nostops
+    assert main([a for a in base if a not in ("--threshold", "2")] + ["--method", "sync", "--no-stops"]) == 2
+    assert "--stops applies to none" in capsys.readouterr().err
