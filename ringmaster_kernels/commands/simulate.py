@@ -249,16 +249,17 @@ def _quadratic(args, ex, exp, methods, params, overrides, seeds) -> int:
 
     tuning = None
     if args.tune:
-        stored = None if ex.TUNED.mismatch(exp) else ex.TUNED.params
         if args.tune_grid == "local":
-            anchors = stored or ex.TUNED.params  # a local grid around values from another scale is still a tuning
-            grids = {m: ex.local_grid(anchors.get(m) or ex.AUTHOR_DEFAULTS.get(m) or ex.TUNED.params["ringmaster"])
+            centres = ex.TUNED.params  # a local grid around values from another scale is still a tuning
+            grids = {m: ex.local_grid(centres.get(m) or ex.AUTHOR_DEFAULTS.get(m) or ex.TUNED.params["ringmaster"])
                      for m in methods}
         else:
             grids = {m: ex.grid_for(m) for m in methods}
+        # no anchors: the order of the runs, hence which rows are cut off, does not depend on
+        # the stored values, so a re-run reproduces the grid tables cell for cell
         # flags that are not tuned (--no-stops) hold in every tuning run too
         fixed = {m: {k: v for k, v in overrides.items() if k in METHODS[m][2]} for m in methods}
-        jobs = [(_tune_one, (exp, m, [{**p, **fixed[m]} for p in grids[m]], stored, args.tune_seed)) for m in methods]
+        jobs = [(_tune_one, (exp, m, [{**p, **fixed[m]} for p in grids[m]], None, args.tune_seed)) for m in methods]
         tuning = dict(zip(methods, _runner(args.jobs, "tune")(jobs)))
         for m in methods:
             params[m] = tuning[m]["best"]
@@ -266,7 +267,7 @@ def _quadratic(args, ex, exp, methods, params, overrides, seeds) -> int:
     jobs = [(_run_one, (exp, m, params[m], s)) for m in methods for s in seeds]
     results = _runner(args.jobs, "simulate")(jobs)
     wall = time.perf_counter() - t0
-    out = {"target": args.target, "seeds": list(seeds), "tune_seed": args.tune_seed if args.tune else None,
+    out = {"target": args.target, "seeds": list(seeds), "report_wall_s": wall, "tune_seed": args.tune_seed if args.tune else None,
            "metrics": DEFINITIONS, "scale": ex.scale_of(exp), "methods": {}}
     curves = {}
     for i, m in enumerate(methods):
