@@ -10,7 +10,9 @@ reported seeds (the tuning grids and the table); the Ringmaster variants by name
 harness scale; the heterogeneity sweep (several seeds); the heterogeneous-data
 comparison. Raw JSON goes to ``benchmarks/simulator/*.json`` beside the PNGs. Options:
 ``--jobs`` worker processes (default 2), ``--out`` the folder, ``--results`` the file
-whose section is replaced (everything from its "## Simulator" heading to the end).
+whose section is replaced (everything from its "## Simulator" heading to the end),
+``--steps`` a subset of the steps (each writes ``OUT/STEP.json``; the section is rendered
+from all of them, so steps may run as separate invocations on the same tree).
 """
 from __future__ import annotations
 
@@ -97,49 +99,81 @@ def harness(seeds=(0, 1, 2)) -> list[str]:
             f"| ours, seeds {' / '.join(map(str, seeds))} | " + " | ".join(" / ".join(cells[k]) for k in ("f2", "f4", "s4", "disc")) + " |"]
 
 
+STEPS = ("harness", "paper_quadratic", "variants", "sweep", "hetero_data")
+
+
+def step_argv(name: str, out_arg: str, jobs: list[str], quick: bool) -> list[str]:
+    """The ``ringmaster`` command line of each step (how the section quotes it)."""
+    plot = ["--plot", os.path.join(out_arg, f"{name}.png")]
+    return {
+        "paper_quadratic": ["simulate", "quadratic", "--tune", *(["--tune-grid", "local"] if quick else []),
+                            "--seeds", "5", *jobs, *plot],
+        "variants": ["simulate", "quadratic", "--workers", "512", "--dim", "256", "--horizon", "600", "--seeds", "5",
+                     "--method", "ringmaster", "--method", "ringmaster_nostops", "--method", "ringmaster_alg1",
+                     "--lr", "0.04", "--threshold", "6", *jobs, *plot],
+        "sweep": ["simulate", "sweep", "--levels", "0,0.5,1,2", "--horizon", "4000", "--seeds", "3", *plot],
+        "hetero_data": ["simulate", "hetero-data", "--seeds", "5", *plot],
+    }[name]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "simulator"))
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"comma-separated steps to run (default all: {','.join(STEPS)}); each writes OUT/STEP.json")
+    ap.add_argument("--no-render", action="store_true", help="run the steps only; do not rewrite --results")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke test of this program at a tiny scale (write it to another --results file)")
     args = ap.parse_args()
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        ap.error(f"--steps: unknown {unknown}; known: {STEPS}")
     tiny = ["--workers", "16", "--dim", "8", "--horizon", "40", "--target", "1e-2"] if args.quick else []
     os.makedirs(args.out, exist_ok=True)
-    rel = os.path.relpath(args.out, os.path.dirname(os.path.abspath(args.results)))
     out_arg = os.path.relpath(args.out, ROOT)  # the commands run in ROOT: print them as one would type them
     jobs = ["--jobs", str(args.jobs)]
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    t_all = time.perf_counter()
-    timings = {}
-
-    def step(name: str, argv: list[str]) -> dict:
-        print(f"[simulator_results] {name}: ringmaster {' '.join(argv)}", file=sys.stderr, flush=True)
-        data, timings[name] = cli(argv + (tiny if name != "hetero_data" else tiny[:2] + ["--horizon", "100"]))
+    for name in steps:
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        t0 = time.perf_counter()
+        if name == "harness":
+            data = {"rows": harness(seeds=(0,) if args.quick else (0, 1, 2))}
+        else:
+            argv = step_argv(name, out_arg, jobs, args.quick)
+            print(f"[simulator_results] {name}: ringmaster {' '.join(argv)}", file=sys.stderr, flush=True)
+            small = tiny if name != "hetero_data" else tiny[:2] + ["--horizon", "100"]
+            data, _ = cli(argv + small)
+            data["argv"] = argv
+        data["started"], data["wall_s"] = started, time.perf_counter() - t0
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(data, f)
-        return data
+    if not args.no_render:
+        render(args.out, args.results)
+    return 0
 
-    t0 = time.perf_counter()
-    harness_rows = harness(seeds=(0,) if args.quick else (0, 1, 2))
-    timings["harness"] = time.perf_counter() - t0
-    paper_argv = ["simulate", "quadratic", "--tune", *(["--tune-grid", "local"] if args.quick else []), "--seeds", "5", *jobs, "--plot", os.path.join(out_arg, "paper_quadratic.png")]
-    paper = step("paper_quadratic", paper_argv)
-    variants_argv = ["simulate", "quadratic", "--workers", "512", "--dim", "256", "--horizon", "600", "--seeds", "5",
-                     "--method", "ringmaster", "--method", "ringmaster_nostops", "--method", "ringmaster_alg1",
-                     "--lr", "0.04", "--threshold", "6", *jobs, "--plot", os.path.join(out_arg, "variants.png")]
-    variants = step("variants", variants_argv)
-    sweep_argv = ["simulate", "sweep", "--levels", "0,0.5,1,2", "--horizon", "4000", "--seeds", "3",
-                  "--plot", os.path.join(out_arg, "sweep.png")]
-    sweep = step("sweep", sweep_argv)
-    hetero_argv = ["simulate", "hetero-data", "--seeds", "5", "--plot", os.path.join(out_arg, "hetero_data.png")]
-    hetero = step("hetero_data", hetero_argv)
-    total = time.perf_counter() - t_all
+
+def render(out: str, results: str) -> None:
+    """Replace the section of ``results`` with what the step JSONs in ``out`` hold."""
+    rel = os.path.relpath(out, os.path.dirname(os.path.abspath(results)))
+    data = {}
+    for name in STEPS:
+        path = os.path.join(out, f"{name}.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} is missing: run --steps {name} first")
+        with open(path) as f:
+            data[name] = json.load(f)
+    harness_rows, paper, variants, sweep, hetero = (data[n] for n in STEPS)
+    harness_rows = harness_rows["rows"]
+    paper_argv, variants_argv, sweep_argv, hetero_argv = (data[n]["argv"] for n in STEPS[1:])
+    timings = {n: data[n]["wall_s"] for n in STEPS}
+    started = min(data[n]["started"] for n in STEPS)
+    total = sum(timings.values())
 
     L = ["## Simulator", "",
-         f"Regenerated by `{COMMAND}` (started {started}, {total / 60:.1f} min wall in all) from the tree it ran "
-         f"in; every number and figure below comes from that run (raw JSON in `{rel}/`). Machine: "
+         f"Regenerated by `{COMMAND}` (started {started}, {total / 60:.1f} min of step wall time in all) from the "
+         f"tree it ran in; every number and figure below comes from that run (raw JSON in `{rel}/`). Machine: "
          f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, Python {platform.python_version()}, "
          f"no GPU. Virtual times and counts depend only on the seeds and the code; host seconds depend on the load.", "",
          "How times to target are measured (`ringmaster_kernels/runtime/metrics.py`): " +
@@ -206,13 +240,12 @@ def main() -> int:
           f"![heterogeneous data]({rel}/hetero_data.png)", "",
           "Wall time per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".", ""]
 
-    with open(args.results) as f:
+    with open(results) as f:
         text = f.read()
     head = text.split("\n## Simulator\n")[0].rstrip("\n")
-    with open(args.results, "w") as f:
+    with open(results, "w") as f:
         f.write(head + "\n\n" + "\n".join(L))
-    print(f"[simulator_results] wrote {args.results} and {args.out}/ in {total / 60:.1f} min", file=sys.stderr)
-    return 0
+    print(f"[simulator_results] wrote {results} from {out}/", file=sys.stderr)
 
 
 if __name__ == "__main__":
