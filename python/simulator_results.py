@@ -111,7 +111,7 @@ def step_argv(name: str, out_arg: str, jobs: list[str], quick: bool) -> list[str
         "variants": ["simulate", "quadratic", "--workers", "512", "--dim", "256", "--horizon", "600", "--seeds", "5",
                      "--method", "ringmaster", "--method", "ringmaster_nostops", "--method", "ringmaster_alg1",
                      "--lr", "0.04", "--threshold", "6", *jobs, *plot],
-        "sweep": ["simulate", "sweep", "--levels", "0,0.5,1,2", "--horizon", "4000", "--seeds", "3", *plot],
+        "sweep": ["simulate", "sweep", "--levels", "0,1,4", "--horizon", "2000", "--seeds", "3", *plot],
         "hetero_data": ["simulate", "hetero-data", "--seeds", "5", *plot],
     }[name]
 
