@@ -143,7 +143,7 @@ def main() -> int:
         else:
             argv = step_argv(name, out_arg, jobs, args.quick)
             print(f"[simulator_results] {name}: ringmaster {' '.join(argv)}", file=sys.stderr, flush=True)
-            small = tiny if name != "hetero_data" else tiny[:2] + ["--horizon", "100"]
+            small = [] if not args.quick else tiny if name != "hetero_data" else tiny[:2] + ["--horizon", "100"]
             data, _ = cli(argv + small)
             data["argv"] = argv
         data["started"], data["wall_s"] = started, time.perf_counter() - t0
