@@ -156,9 +156,11 @@ class QuadraticExperiment:
         }
 
 
-# Chosen by `tune` on the sustained time to target (what `ringmaster simulate quadratic
-# --tune` runs), on seed TUNE_SEED at the scale stored with them, reported on other seeds
-# (the grids are in benchmarks/RESULTS.md, "## Simulator"). Handed out only at that scale.
+# Chosen on seed TUNE_SEED at the scale stored with them, by the earlier tuner that scored
+# the FIRST touch of the target (before runtime/metrics.py); not yet re-tuned on the
+# sustained time: `ringmaster simulate quadratic --tune` (or `python python/simulator_results.py
+# --steps paper_quadratic`) does that, about an hour on the shared 2-core machine. Handed out
+# only at that scale; their sustained times are in benchmarks/RESULTS.md, "## Simulator".
 TUNED = TunedValues(
     scale=scale_of(QuadraticExperiment()),
     params={
