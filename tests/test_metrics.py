@@ -94,3 +94,12 @@ def test_scale_guard_hands_out_values_only_at_their_scale():
         stored.for_experiment(here, ("async",))
     # the package's own values carry the paper's scale
     assert ex.TUNED.scale["workers"] == 6174 and ex.TUNED.scale["dim"] == 1729 and ex.TUNED.scale["horizon"] == 2000
+
+
+def test_speedup_is_exact_a_lower_bound_or_missing():
+    rec = lambda t, cut=None: {"time_to_target": t, "cut_off": cut}  # noqa: E731
+    assert ex.speedup(rec(10.0), rec(30.0), horizon=100) == {"value": 3.0, "bound": "exact"}
+    # the other never sustained the target: its time exceeds the horizon (or the cut time)
+    assert ex.speedup(rec(10.0), rec(None), horizon=100) == {"value": 10.0, "bound": "at_least"}
+    assert ex.speedup(rec(10.0), rec(None, cut=40.0), horizon=100) == {"value": 4.0, "bound": "at_least"}
+    assert ex.speedup(rec(None), rec(30.0), horizon=100) == {"value": None, "bound": "missing"}
