@@ -171,7 +171,8 @@ def section_stored(paper: dict, rel: str) -> list[str]:
     return [f"**Paper scale, stored values** (n = 6174, d = 1729, horizon 2000, S = 1, target 1e-4 of ‖∇f(x0)‖²): "
             f"`ringmaster {' '.join(paper['argv'])}`, what `python python/paper_quadratic.py` runs "
             f"({paper['wall_s'] / 60:.1f} min wall, {paper['report_wall_s'] / 60:.1f} of them simulating), seeds "
-            f"{paper['seeds'][0]}..{paper['seeds'][-1]}, at `experiments.TUNED` (stored with this scale):", "",
+            f"{paper['seeds'][0]}..{paper['seeds'][-1]}, at `experiments.TUNED` (stored with this scale; chosen by the "
+            "earlier tuner that scored the first touch, not re-tuned on the sustained time):", "",
             *method_rows(paper["methods"]), "",
             f"![paper quadratic, stored values]({rel}/paper_stored.png)", ""]
 
