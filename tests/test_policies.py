@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ringmaster_kernels import norms
+from ringmaster_kernels.optim.hetero_policies import Malenia, RescaledASGD, Ringleader
 from ringmaster_kernels.optim.policies import (
     METHODS,
     Decision,
@@ -296,7 +297,7 @@ def test_every_method_is_buildable_and_decides():
         pol = make_policy(name, [vec().view(2, 3)], num_workers=2, lr=0.1, **extra)
         d = pol.on_gradient(0, 0, grads(1)[0].view(2, 3))
         assert isinstance(d, Decision) and d.accepted
-        assert isinstance(pol, (Ringmaster, Minibatch)) or name == "delay_adaptive"
+        assert isinstance(pol, (Ringmaster, Minibatch, RescaledASGD, Ringleader, Malenia)) or name == "delay_adaptive"
 
 
 @pytest.mark.parametrize("method", ["ringmaster", "ringmaster_pa"])
@@ -328,3 +329,47 @@ def test_fused_policy_on_cuda_matches_cpu_twin_path():
         assert cpu.on_gradient(worker, v, g) == gpu.on_gradient(worker, v, [t.cuda() for t in g])
     for pc, pg in zip(cpu.params, gpu.params):
         torch.testing.assert_close(pg.cpu(), pc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, cls, stops, nesterov", [
+    ("ringmaster", Ringmaster, True, True),
+    ("ringmaster_nostops", Ringmaster, False, True),
+    ("ringmaster_alg1", Ringmaster, False, False),
+    ("ringmaster_pa", ParameterAgnosticRingmaster, True, True),
+    ("ringmaster_pa_nostops", ParameterAgnosticRingmaster, False, True),
+    ("ringmaster_pa_alg1", ParameterAgnosticRingmaster, False, False),
+])
+def test_every_variant_name_reaches_its_policy(name, cls, stops, nesterov):
+    pol = make_policy(name, [{"params": [vec()], "norm": "l2"}], num_workers=3, lr=0.1)
+    assert type(pol) is cls and pol.name == name and pol.stops is stops
+    assert pol.rule.hyperparameters()["nesterov"] is nesterov
+    # stops show in the decisions: with stops the first update cancels jobs of delay >= R_1
+    d = pol.on_gradient(0, 0, grads(1)[0])
+    assert (d.cancel_before is not None) is stops
+    # a variant fixes its settings: asking it for the other value is an error, not a no-op
+    if not stops:
+        with pytest.raises(ValueError, match="stops"):
+            make_policy(name, [vec()], num_workers=3, lr=0.1, stops=True)
+    if not nesterov:
+        with pytest.raises(ValueError, match="nesterov"):
+            make_policy(name, [vec()], num_workers=3, lr=0.1, nesterov=True)
+
+
+def test_algorithm_1_update_is_plain_ema_and_lmo():
+    """x+ = x + eta lmo(m+), m+ = alpha g + (1 - alpha) m, no Nesterov look-ahead."""
+    x0 = vec()
+    pol = make_policy("ringmaster_alg1", [{"params": [x0.clone()], "norm": "l2", "radius": 1.0}],
+                      num_workers=2, lr=0.5, momentum=0.9, threshold=2)
+    g1, g2 = grads(2)
+    pol.on_gradient(0, 0, g1)
+    pol.on_gradient(1, 0, g2)
+    m1 = 0.1 * g1
+    m2 = 0.1 * g2 + 0.9 * m1
+    expected = x0 + 0.5 * norms.lmo(m1, "l2", 1.0) + 0.5 * norms.lmo(m2, "l2", 1.0)
+    torch.testing.assert_close(pol.params[0], expected)
+
+
+def test_stops_flag_of_ringmaster_keeps_its_default():
+    on = make_policy("ringmaster", [vec()], num_workers=2, lr=0.1, norm="l2")
+    off = make_policy("ringmaster", [vec()], num_workers=2, lr=0.1, norm="l2", stops=False)
+    assert on.stops and not off.stops

@@ -335,8 +335,9 @@ def test_authors_harness_facts_n512():
     """Their defaults (gamma 0.04, R 6) on n=512, d=256: 1e-2 at ~342, 1e-4 at ~450, >98% discarded."""
     exp = QuadraticExperiment(workers=512, dim=256, horizon=600)
     tr = exp.run("ringmaster", {"lr": 0.04, "threshold": 6}, seed=0)
-    assert 300 < tr.time_to_target(1e-2 * tr.initial_metric) < 390
-    assert 400 < tr.time_to_target(1e-4 * tr.initial_metric) < 520
+    # the authors report first touches; the sustained times are reported beside them elsewhere
+    assert 300 < tr.time_to(1e-2 * tr.initial_metric)[0] < 390
+    assert 400 < tr.time_to(1e-4 * tr.initial_metric)[0] < 520
     assert tr.num_discarded / tr.started > 0.98
 
 
@@ -372,14 +373,37 @@ def test_simulate_names_a_bad_horizon_seed_or_max_events(kwargs, match):
 
 
 def test_cli_quadratic_json(capsys):
-    rc = main(["simulate", "quadratic", "--workers", "24", "--dim", "16", "--horizon", "40", "--json", "--target", "1e-2"])
+    rc = main(["simulate", "quadratic", "--workers", "24", "--dim", "16", "--horizon", "40", "--json", "--target", "1e-2",
+               "--tune", "--tune-grid", "local", "--seeds", "2"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"target", "methods"} and out["target"] == 1e-2
+    assert out["target"] == 1e-2 and out["seeds"] == [1, 2] and out["tune_seed"] == 0
+    assert set(out["metrics"]) == {"time_to_target", "first_hit", "final", "tail_median"}
     assert set(out["methods"]) == {"ringmaster", "ringmaster_pa", "sync", "async", "delay_adaptive", "rennala"}
     for rec in out["methods"].values():
-        assert set(rec) == {"final_grad_norm_sq", "time_to_target", "accepted", "discarded"}
-        assert rec["accepted"] > 0 and math.isfinite(rec["final_grad_norm_sq"])
+        assert len(rec["seeds"]) == 2 and rec["aggregate"]["final"]["seeds"] == 2
+        for run in rec["seeds"]:
+            assert run["accepted"] > 0 and math.isfinite(run["final"]) and run["cut_off"] is None
+            if run["time_to_target"] is not None:
+                assert run["first_hit"] <= run["time_to_target"]
+    assert set(out["tuning"]) == set(out["methods"])
+
+
+def test_cli_refuses_values_tuned_at_another_scale(capsys):
+    """The stored values came from the paper scale: at 64 x 64 they must not be used silently."""
+    assert main(["simulate", "quadratic", "--workers", "64", "--dim", "64", "--horizon", "40"]) == 2
+    err = capsys.readouterr().err
+    assert "dim: tuned at 1729, asked 64" in err and "workers: tuned at 6174, asked 64" in err
+    assert "--tune" in err and "on seed 0" in err
+    # every value given: nothing stored is used, so the run goes ahead
+    assert main(["simulate", "quadratic", "--workers", "8", "--dim", "8", "--horizon", "10", "--method", "sync",
+                 "--lr", "0.2"]) == 0
+
+
+def test_cli_tune_seed_must_not_be_reported(capsys):
+    assert main(["simulate", "quadratic", "--workers", "8", "--dim", "8", "--horizon", "10", "--method", "sync",
+                 "--lr", "0.2", "--seed", "0", "--seeds", "3", "--tune-seed", "2"]) == 2
+    assert "disjoint" in capsys.readouterr().err
 
 
 def test_cli_quadratic_overrides_carry_params_and_plot(capsys, tmp_path):
@@ -408,12 +432,21 @@ def test_cli_bad_configuration(capsys, argv, match):
 
 def test_cli_sweep_json(capsys):
     rc = main(["simulate", "sweep", "--workers", "8", "--dim", "8", "--horizon", "50", "--levels", "0,1",
-               "--target", "1e-1", "--json"])
+               "--target", "1e-1", "--json", "--seeds", "2"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["heterogeneity"] for r in out["levels"]] == [0.0, 1.0]
+    assert [r["heterogeneity"] for r in out["levels"]] == [0.0, 1.0] and out["seeds"] == [1, 2]
     for r in out["levels"]:
-        assert set(r) == {"heterogeneity", "speedup_vs_sync", "speedup_vs_best_baseline"}
+        for key in ("speedup_vs_sync", "speedup_vs_best_baseline"):
+            assert len(r[key]["per_seed"]) == 2
+            assert all(u["bound"] in ("exact", "at_least", "missing") for u in r[key]["per_seed"])
+        assert all(len(m["seeds"]) == 2 for m in r["methods"].values())
+
+
+def test_sweep_no_retune_refuses_another_scale(capsys):
+    assert main(["simulate", "sweep", "--workers", "8", "--dim", "8", "--horizon", "50", "--levels", "1",
+                 "--no-retune"]) == 2
+    assert "tuned at 64, asked 8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sub", ["quadratic", "sweep"])
@@ -451,20 +484,20 @@ def test_cli_outlier_and_death_reach_the_simulation(capsys):
     at t = 2, sync runs on with the other workers (in worker processes: the faulty
     experiment crosses a pickle)."""
     argv = ["simulate", "quadratic", "--workers", "8", "--dim", "8", "--horizon", "40", "--json",
-            "--method", "sync", "--method", "rennala", "--lr", "0.05", "--outlier", "0:1000"]
+            "--method", "sync", "--method", "rennala", "--lr", "0.05", "--batch", "1", "--outlier", "0:1000"]
     assert main(argv) == 0
-    held = json.loads(capsys.readouterr().out)["methods"]
+    held = {m: r["seeds"][0] for m, r in json.loads(capsys.readouterr().out)["methods"].items()}
     assert held["sync"]["accepted"] == 7 and held["rennala"]["accepted"] > 7
     assert main(argv + ["--die", "0@2", "--jobs", "2"]) == 0
-    freed = json.loads(capsys.readouterr().out)["methods"]
+    freed = {m: r["seeds"][0] for m, r in json.loads(capsys.readouterr().out)["methods"].items()}
     assert freed["sync"]["accepted"] > 3 * 7
-    assert freed["sync"]["final_grad_norm_sq"] < held["sync"]["final_grad_norm_sq"]
+    assert freed["sync"]["final"] < held["sync"]["final"]
     assert freed["rennala"]["accepted"] > 7
 
 
 def test_cli_sweep_with_faults(capsys):
     rc = main(["simulate", "sweep", "--workers", "8", "--dim", "8", "--horizon", "50", "--levels", "1",
-               "--target", "1e-1", "--outlier", "1:3", "--die", "7@5", "--no-retune"])
+               "--target", "1e-1", "--outlier", "1:3", "--die", "7@5"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "faults: --outlier 1:3 --die 7@5" in out and len(out.splitlines()) >= 4
@@ -536,3 +569,23 @@ def test_a_state_that_fails_half_way_leaves_the_simulation_as_it_was():
         assert after["policy"]["counters"] == before["policy"]["counters"] and after["rows"] == before["rows"]
         assert torch.equal(after["params"][0], before["params"][0]) and after["now"] == before["now"]
         assert after["grad_rng"] == before["grad_rng"]
+
+
+def test_cli_variant_names_equal_their_flags(capsys):
+    """--method ringmaster --no-stops is ringmaster_nostops; adding --no-nesterov gives Algorithm 1."""
+    base = ["simulate", "quadratic", "--workers", "16", "--dim", "8", "--horizon", "30", "--json", "--lr", "0.2",
+            "--threshold", "2", "--seeds", "2"]
+
+    def seeds(extra):
+        assert main(base + extra) == 0
+        (rec,) = json.loads(capsys.readouterr().out)["methods"].values()
+        return [{k: v for k, v in run.items() if k != "wall_s"} for run in rec["seeds"]]  # host time varies
+
+    with_stops = seeds(["--method", "ringmaster"])
+    nostops = seeds(["--method", "ringmaster_nostops"])
+    assert seeds(["--method", "ringmaster", "--no-stops"]) == nostops != with_stops
+    assert seeds(["--method", "ringmaster", "--no-stops", "--no-nesterov"]) == seeds(["--method", "ringmaster_alg1"])
+    assert seeds(["--method", "ringmaster_alg1"]) != nostops
+    no_threshold = base[:base.index("--threshold")] + base[base.index("--threshold") + 2:]
+    assert main(no_threshold + ["--method", "sync", "--no-stops"]) == 2
+    assert "--stops applies to none" in capsys.readouterr().err

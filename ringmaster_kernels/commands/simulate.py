@@ -1,13 +1,20 @@
-"""``ringmaster simulate quadratic|sweep``: the paper's quadratic experiment in virtual time.
+"""``ringmaster simulate quadratic|sweep|hetero-data``: the paper's quadratic in virtual time.
 
-``quadratic`` runs every method (tuned values, or ``--method``/``--lr``/... overrides) and
-prints a table or, with ``--json``, ``{"target", "methods": {NAME: {...}}}``; ``--plot``
-writes ||grad f||^2 vs virtual time. ``--tune`` runs the paper's grid on ``--tune-seed``
-and reports the chosen values on ``--seed``. ``sweep`` runs a heterogeneity sweep and
-reports Ringmaster's time-to-target speed-up over synchronous LMO and over the best other
-baseline at each level. Progress goes to stderr (tqdm). Both take faults: ``--outlier
-WORKER:FACTOR`` (a straggler) and ``--die WORKER@TIME`` (a worker lost in virtual time),
-each repeatable, applied at every heterogeneity level.
+``quadratic`` runs every method on ``--seeds K`` seeds (``--seed``, ``--seed + 1``, ...) and
+prints, per method, the median and the [min, max] over seeds of the sustained time to
+target (the first time after which ||grad f||^2 stays below the target to the horizon),
+the first hit, the final value and the median over the last quarter; ``--json`` gives the
+per-seed records and the aggregates; ``--plot`` draws the median curve with a min-max
+band. Step sizes come from values tuned at this exact scale (any other scale is refused
+with a message naming the scale they came from), from ``--lr``/``--threshold``/``--batch``,
+or from ``--tune``, which searches the paper's grid (``--tune-grid local``: a 12-point grid
+around the stored values, the cheap budget) on ``--tune-seed``, never one of the reported
+seeds. ``sweep`` reports Ringmaster's speed-up (sustained metric, median and IQR over
+seeds) over synchronous LMO and over the best other baseline at each heterogeneity level.
+Progress goes to stderr (tqdm). Both take faults: ``--outlier WORKER:FACTOR`` (a
+straggler) and ``--die WORKER@TIME`` (a worker lost in virtual time), each repeatable,
+applied at every heterogeneity level. ``hetero-data`` (``commands/_hetero.py``): every
+worker its own f_i; which methods reach a stationary point of f = mean f_i.
 """
 from __future__ import annotations
 
@@ -16,10 +23,11 @@ import json
 import math
 import sys
 
+from ..optim.policies import METHODS
 from ..runtime.reporting import json_ready
-from ._args import float_list, nonnegative_int, output_file
+from ._args import float_list, nonnegative_int, output_file, positive_int
 
-METHOD_NAMES = ("ringmaster", "ringmaster_pa", "sync", "async", "delay_adaptive", "rennala")
+METHOD_NAMES = tuple(METHODS)
 TIME_MODELS = ("paper", "constant", "sqrt", "linear", "uniform")
 
 
@@ -28,21 +36,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quad = sub.add_parser("quadratic", help="all methods on the paper's quadratic")
     _common(quad, workers=6174, dim=1729, horizon=2000.0)
     quad.add_argument("--heterogeneity", type=float, default=1.0, help="S: 0 homogeneous, 1 the paper's times")
-    quad.add_argument("--method", action="append", choices=METHOD_NAMES + ("ringmaster_asgd",),
-                      help="run only this method (repeatable), with --lr/--threshold/--batch overrides")
+    quad.add_argument("--method", action="append", choices=METHOD_NAMES,
+                      help="run only this method (repeatable), with --lr/--threshold/--batch/--no-stops overrides")
     quad.add_argument("--lr", type=float, help="step size (eta / gamma) for the chosen methods")
     quad.add_argument("--threshold", type=int, help="Ringmaster's delay threshold R")
     quad.add_argument("--batch", type=int, help="Rennala's batch size B")
+    quad.add_argument("--stops", action=argparse.BooleanOptionalAction, default=None,
+                      help="Ringmaster's stops (cancel jobs whose delay reached R) on or off (default: on)")
     quad.add_argument("--tune", action="store_true", help="grid-search every method on --tune-seed first")
-    quad.add_argument("--tune-seed", type=nonnegative_int, default=0)
+    quad.add_argument("--tune-grid", choices=("paper", "local"), default="paper",
+                      help="the tuning budget: the paper's grid, or 12 points around the stored values")
     quad.add_argument("--jobs", type=int, default=1,
                       help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
+    from . import _hetero
+
+    _hetero.add_arguments(sub)
     swp = sub.add_parser("sweep", help="Ringmaster's speed-up vs heterogeneity")
     _common(swp, workers=64, dim=64, horizon=20000.0)
     swp.add_argument("--levels", type=float_list, default=(0, 0.25, 0.5, 1, 2, 4),
                      help="comma-separated heterogeneity levels S (0 = homogeneous)")
     swp.add_argument("--no-retune", action="store_true",
-                     help="use the S = 1 tuned values at every level instead of re-tuning around them")
+                     help="use the stored S = 1 values as they are (only at the scale they were tuned at)")
 
 
 def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: float) -> None:
@@ -55,7 +69,11 @@ def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: floa
     p.add_argument("--norm", default="l2", help="norm ball of the LMO (l2 = the authors' Muon on a vector)")
     p.add_argument("--radius", type=float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
     p.add_argument("--momentum", type=float, default=0.95, help="beta")
-    p.add_argument("--seed", type=nonnegative_int, default=1, help="seed of the reported run")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                   help="Nesterov look-ahead in the LMO-momentum update (the _alg1 methods never use it)")
+    p.add_argument("--seed", type=nonnegative_int, default=1, help="first reported seed")
+    p.add_argument("--seeds", type=positive_int, default=1, help="K: report seeds --seed .. --seed + K - 1")
+    p.add_argument("--tune-seed", type=nonnegative_int, default=0, help="seed tuning runs on (not a reported one)")
     p.add_argument("--outlier", action="append", default=[], type=_outlier, metavar="WORKER:FACTOR",
                    help="worker WORKER (0-based) computes FACTOR (> 0) times slower; repeatable")
     p.add_argument("--die", action="append", default=[], type=_death, metavar="WORKER@TIME",
@@ -105,71 +123,103 @@ def _check_faults(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..runtime import experiments as ex
 
+    if args.experiment == "hetero-data":
+        from . import _hetero
+
+        return _hetero.run(args)
     try:
         _check_faults(args)
+        if not (0.0 <= args.momentum < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {args.momentum}")
         exp = ex.QuadraticExperiment(
             workers=args.workers, dim=args.dim, horizon=args.horizon,
             heterogeneity=getattr(args, "heterogeneity", 1.0), time_model=args.time_model,
             noise=args.noise, target=args.target, norm=args.norm, radius=args.radius, momentum=args.momentum,
-            outliers=tuple(args.outlier), deaths=tuple(args.die),
+            nesterov=args.nesterov, outliers=tuple(args.outlier), deaths=tuple(args.die),
         )
         exp.validate()
-        if not (0.0 <= args.momentum < 1.0):
-            raise ValueError(f"momentum must be in [0, 1), got {args.momentum}")
+        seeds = tuple(range(args.seed, args.seed + args.seeds))
+        if args.tune_seed in seeds:
+            raise ValueError(f"tune-seed {args.tune_seed} is a reported seed ({seeds[0]}..{seeds[-1]}): "
+                             "tuning and reporting must use disjoint seeds")
         if args.experiment == "quadratic":
             if args.jobs < 0:
                 raise ValueError(f"jobs must be >= 0, got {args.jobs}")
-            methods, params, overridden = _plan(args, ex)
+            methods, params, overrides = _plan(args, ex, exp)
             # build every policy once: bad values raise here, before any simulation
             for m in methods:
-                exp.build(m, params[m])
-            return _quadratic(args, ex, exp, methods, params, overridden)
+                if m in params:
+                    exp.build(m, params[m])
+            return _quadratic(args, ex, exp, methods, params, overrides, seeds)
         levels = tuple(float(v) for v in args.levels)
         for level in levels:
             ex.replace(exp, heterogeneity=level).validate()
-        return _sweep(args, ex, exp, levels)
+        if args.no_retune:
+            for level in levels:  # the stored values only where they were tuned
+                ex.SWEEP_TUNED.for_experiment(ex.replace(exp, heterogeneity=level), ("ringmaster",) + ex.BASELINES)
+        return _sweep(args, ex, exp, levels, seeds)
     except ValueError as exc:
         print(f"ringmaster simulate: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _plan(args, ex):
-    """Methods to run and their parameters: tuned values, overridden by flags."""
-    overrides = {k: getattr(args, k) for k in ("lr", "threshold", "batch") if getattr(args, k) is not None}
+def _check_overrides(overrides: dict) -> None:
+    """Fail fast on a bad flag value, before the scale guard and any run."""
+    lr = overrides.get("lr")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    for key in ("threshold", "batch"):
+        if key in overrides and overrides[key] < 1:
+            raise ValueError(f"{key} must be an int >= 1, got {overrides[key]}")
+
+
+def _plan(args, ex, exp):
+    """Methods to run and their parameters: flags, else the values stored for this exact
+    scale (the guard raises naming the stored scale), else ``--tune`` fills them later."""
+    overrides = {k: getattr(args, k) for k in ("lr", "threshold", "batch", "stops") if getattr(args, k) is not None}
+    _check_overrides(overrides)
     methods = tuple(args.method) if args.method else ex.METHOD_ORDER
+    for key in overrides:
+        if not any(key in METHODS[m][2] for m in methods):
+            raise ValueError(f"--{key} applies to none of the methods {methods}")
+    tuned_keys = {"lr", "threshold", "batch"}
+    if args.tune and tuned_keys & set(overrides):
+        raise ValueError(f"--tune chooses {sorted(tuned_keys & set(overrides))}; do not also pass them")
     params = {}
     for m in methods:
-        allowed = ex.METHODS[m][2]
-        params[m] = {**ex.TUNED[m], **{k: v for k, v in overrides.items() if k in allowed}}
-    for key in overrides:
-        if not any(key in ex.METHODS[m][2] for m in methods):
-            raise ValueError(f"--{key} applies to none of the methods {methods}")
-    overridden = bool(args.method or overrides or args.norm != "l2" or args.momentum != 0.95 or args.radius is not None)
-    return methods, params, overridden
+        given = {k: v for k, v in overrides.items() if k in METHODS[m][2]}
+        needed = tuned_keys & set(METHODS[m][2])
+        if args.tune:
+            continue  # filled by tuning
+        if needed <= set(given):
+            params[m] = given
+        else:
+            params[m] = {**ex.TUNED.for_experiment(exp, (m,))[m], **given}
+    return methods, params, overrides
 
 
 def _runner(n_procs: int, label: str):
-    """Run ``(method, params, seed)`` jobs: tqdm on stderr, worker processes if n_procs > 1."""
+    """Run ``(function, args)`` jobs: tqdm on stderr, worker processes if n_procs > 1."""
     import os
 
     from tqdm import tqdm
 
-    def run_jobs(exp, jobs):
+    def run_jobs(jobs):
         procs = min(len(jobs), n_procs or os.cpu_count() or 1)
         if procs <= 1:
-            traces = []
-            for method, params, seed in jobs:
-                with tqdm(total=math.ceil(exp.horizon), desc=f"{label} {method}", unit="t", file=sys.stderr, leave=False) as bar:
-                    def progress(t: float, bar=bar) -> None:
-                        bar.update(int(t) - bar.n)
-                    traces.append(exp.run(method, params, seed=seed, progress=progress))
-            return traces
+            out = []
+            with tqdm(total=len(jobs), desc=label, unit="run", file=sys.stderr) as bar:
+                for fn, fn_args in jobs:
+                    bar.set_postfix_str(str(fn_args[1])[:40])
+                    out.append(fn(*fn_args))
+                    bar.update(1)
+            return out
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # spawn, not fork: the parent has used torch's thread pools, which do not survive fork
         with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, exp, m, p, s) for m, p, s in jobs]
+            futures = [pool.submit(fn, *fn_args) for fn, fn_args in jobs]
             with tqdm(total=len(jobs), desc=label, unit="run", file=sys.stderr) as bar:
                 for _ in as_completed(futures):
                     bar.update(1)
@@ -179,52 +229,70 @@ def _runner(n_procs: int, label: str):
 
 
 def _run_one(exp, method, params, seed):
-    return exp.run(method, params, seed=seed)
+    """One reported run: its record and its curve (small enough to cross a pickle)."""
+    trace = exp.run(method, params, seed=seed)
+    times, values = trace.curve()
+    return {**exp.summary(trace), "wall_s": trace.wall_s}, (times, values)
 
 
-def _quadratic(args, ex, exp, methods, params, overridden) -> int:
+def _tune_one(exp, method, grid, anchors, seed):
+    from ..runtime import experiments as ex
+
+    return ex.tune(exp, (method,), seed=seed, grids={method: grid}, anchors=anchors)[method]
+
+
+def _quadratic(args, ex, exp, methods, params, overrides, seeds) -> int:
     import time
+
+    from ..runtime.metrics import DEFINITIONS, aggregate
+    from ._sim_report import grid_table, method_table, plot_bands
 
     tuning = None
     if args.tune:
-        from tqdm import tqdm
-
-        total = sum(len(ex.grid_for(m)) for m in methods)
-        with tqdm(total=total, desc="tune", unit="run", file=sys.stderr) as bar:
-            def progress(label: str) -> None:
-                bar.set_postfix_str(label)
-                bar.update(1)
-            tuning = ex.tune(exp, methods, seed=args.tune_seed, progress=progress)
+        if args.tune_grid == "local":
+            centres = ex.TUNED.params  # a local grid around values from another scale is still a tuning
+            grids = {m: ex.local_grid(centres.get(m) or ex.AUTHOR_DEFAULTS.get(m) or ex.TUNED.params["ringmaster"])
+                     for m in methods}
+        else:
+            grids = {m: ex.grid_for(m) for m in methods}
+        # no anchors: the order of the runs, hence which rows are cut off, does not depend on
+        # the stored values, so a re-run reproduces the grid tables cell for cell
+        # flags that are not tuned (--no-stops) hold in every tuning run too
+        fixed = {m: {k: v for k, v in overrides.items() if k in METHODS[m][2]} for m in methods}
+        jobs = [(_tune_one, (exp, m, [{**p, **fixed[m]} for p in grids[m]], None, args.tune_seed)) for m in methods]
+        tuning = dict(zip(methods, _runner(args.jobs, "tune")(jobs)))
         for m in methods:
             params[m] = tuning[m]["best"]
-        overridden = True
     t0 = time.perf_counter()
-    traces = _runner(args.jobs, "simulate")(exp, [(m, params[m], args.seed) for m in methods])
+    jobs = [(_run_one, (exp, m, params[m], s)) for m in methods for s in seeds]
+    results = _runner(args.jobs, "simulate")(jobs)
     wall = time.perf_counter() - t0
-    result = {"target": args.target, "methods": {}}
-    for m, tr in zip(methods, traces):
-        rec = exp.summary(tr)
-        if overridden:
-            rec["params"] = {**params[m], "norm": args.norm, "momentum": args.momentum}
-        result["methods"][m] = rec
+    out = {"target": args.target, "seeds": list(seeds), "report_wall_s": wall, "tune_seed": args.tune_seed if args.tune else None,
+           "metrics": DEFINITIONS, "scale": ex.scale_of(exp), "methods": {}}
+    curves = {}
+    for i, m in enumerate(methods):
+        runs = results[i * len(seeds):(i + 1) * len(seeds)]
+        records = [r for r, _ in runs]
+        curves[m] = [c for _, c in runs]
+        keys = ("time_to_target", "first_hit", "final", "tail_median", "accepted", "discarded")
+        out["methods"][m] = {"params": {**params[m], "norm": exp.norm, "momentum": exp.momentum},
+                             "aggregate": aggregate(records, keys), "seeds": records}
     if args.plot:
-        _plot_curves(args.plot, methods, traces, params, exp)
+        initial = curves[methods[0]][0][1][0]
+        plot_bands(args.plot, curves, params, exp.target * initial, exp.horizon,
+                   f"quadratic: n={exp.workers}, d={exp.dim}, S={exp.heterogeneity:g}", r"$\|\nabla f(x)\|^2$")
     if args.json:
         if tuning is not None:
-            result["tuning"] = tuning
-        print(json.dumps(json_ready(result), allow_nan=False))
+            out["tuning"] = tuning
+        print(json.dumps(json_ready(out), allow_nan=False))
     else:
         print(f"quadratic: n={exp.workers} d={exp.dim} horizon={exp.horizon:g} S={exp.heterogeneity:g} "
-              f"seed={args.seed} target={args.target:g} x ||grad f(x0)||^2{_faults_text(exp)}   wall {wall:.1f} s")
+              f"seeds={seeds[0]}..{seeds[-1]} target={args.target:g} x ||grad f(x0)||^2{_faults_text(exp)}   "
+              f"wall {wall:.1f} s")
         if tuning is not None:
             for m, t in tuning.items():
-                _print_grid(m, t, args.tune_seed)
-        print(f"{'method':<16}{'params':<30}{'final ||g||^2':>14}{'t_target':>10}{'accepted':>10}{'discarded':>11}{'wall s':>8}")
-        for m, tr in zip(methods, traces):
-            r = result["methods"][m]
-            ttt = "-" if r["time_to_target"] is None else f"{r['time_to_target']:.1f}"
-            p = ", ".join(f"{k}={v:g}" for k, v in params[m].items())
-            print(f"{m:<16}{p:<30}{r['final_grad_norm_sq']:>14.3e}{ttt:>10}{r['accepted']:>10}{r['discarded']:>11}{tr.wall_s:>8.1f}")
+                print(grid_table(m, t))
+        print(method_table({m: {**rec, "params": params[m]} for m, rec in out["methods"].items()}))
     return 0
 
 
@@ -234,85 +302,48 @@ def _faults_text(exp) -> str:
     return "  faults: " + " ".join(flags) if flags else ""
 
 
-def _print_grid(method: str, tuning: dict, seed: int) -> None:
-    """The grid as a table of times to target (rows: step size; columns: R or B), then the choice."""
-    rows = tuning["grid"]
-    size_key = next((k for k in rows[0]["params"] if k != "lr"), None)
-    lrs = sorted({r["params"]["lr"] for r in rows})
-    sizes = sorted({r["params"][size_key] for r in rows}) if size_key else [None]
-    cell = {(r["params"]["lr"], r["params"].get(size_key)): r["time_to_target"] for r in rows}
-    print(f"tuning {method} on seed {seed}: time to target ('-': not reached)")
-    letter = {"threshold": "R", "batch": "B"}.get(size_key, "")
-    print(f"{'lr':>10}" + "".join(f"{f'{letter}={s}' if size_key else 'time':>9}" for s in sizes))
-    for lr in lrs:
-        print(f"{lr:>10.3g}" + "".join(f"{'-' if cell[(lr, s)] is None else format(cell[(lr, s)], '.0f'):>9}" for s in sizes))
-    print(f"chosen {method}: {tuning['best']}")
-
-
-def _plot_curves(path, methods, traces, params, exp) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for m, tr in zip(methods, traces):
-        t, v = tr.curve()
-        stride = max(1, t.size // 4000)  # a figure cannot show more points; keep the last one
-        idx = list(range(0, t.size, stride)) + [t.size - 1]
-        label = m + " (" + ", ".join(f"{k}={v:g}" for k, v in params[m].items()) + ")"
-        ax.semilogy(t[idx], v[idx], label=label)
-    ax.axhline(exp.target * traces[0].initial_metric, color="gray", lw=0.8, ls="--", label="target")
-    ax.set_xlabel("virtual time")
-    ax.set_ylabel(r"$\|\nabla f(x)\|^2$")
-    ax.set_title(f"quadratic: n={exp.workers}, d={exp.dim}, S={exp.heterogeneity:g}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _sweep(args, ex, exp, levels) -> int:
+def _sweep(args, ex, exp, levels, seeds) -> int:
     from tqdm import tqdm
 
-    per_level = 5 + (0 if args.no_retune else sum(len(ex.local_grid(ex.SWEEP_TUNED[m])) for m in ex.BASELINES + ("ringmaster",)))
+    from ._sim_report import params_text, plot_sweep
+
+    anchors = ex.SWEEP_TUNED.params
+    order = ("ringmaster",) + ex.BASELINES
+    per_level = len(seeds) * len(order) + (0 if args.no_retune else sum(len(ex.local_grid(anchors[m])) for m in order))
     with tqdm(total=len(levels) * per_level, desc="sweep", unit="run", file=sys.stderr) as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(1)
-        rows = ex.sweep(exp, levels, ex.SWEEP_TUNED, seed=args.seed,
+        rows = ex.sweep(exp, levels, anchors, seeds=seeds, tune_seed=args.tune_seed,
                         retune=not args.no_retune, progress=progress)
-    out = {"levels": [{k: r[k] for k in ("heterogeneity", "speedup_vs_sync", "speedup_vs_best_baseline")} for r in rows]}
+    keys = ("heterogeneity", "speedup_vs_sync", "speedup_vs_best_baseline", "methods", "params")
+    out = {"seeds": list(seeds), "metric": "time_to_target (sustained)", "levels": [{k: r[k] for k in keys} for r in rows]}
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        xs = [r["heterogeneity"] for r in rows]
-        for key, label in (("speedup_vs_sync", "vs synchronous LMO"), ("speedup_vs_best_baseline", "vs best other baseline")):
-            ax.plot(xs, [math.nan if r[key] is None else r[key] for r in rows], marker="o", label=label)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel("heterogeneity S")
-        ax.set_ylabel("Ringmaster time-to-target speed-up")
-        ax.set_title(f"n={exp.workers}, d={exp.dim}, target {exp.target:g}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        plt.close(fig)
+        plot_sweep(args.plot, rows, f"n={exp.workers}, d={exp.dim}, target {exp.target:g}, {len(seeds)} seeds")
     if args.json:
         print(json.dumps(json_ready(out), allow_nan=False))
-    else:
-        print(f"sweep: n={exp.workers} d={exp.dim} target={exp.target:g} seed={args.seed}{_faults_text(exp)}")
-        names = ("ringmaster",) + ex.BASELINES
-        print(f"{'S':>6}" + "".join(f"{n:>16}" for n in names) + f"{'vs sync':>10}{'vs best':>10}")
-        for r in rows:
-            cells = "".join(f"{'-' if r['time_to_target'][n] is None else format(r['time_to_target'][n], '.1f'):>16}" for n in names)
-            f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-            print(f"{r['heterogeneity']:>6g}{cells}{f(r['speedup_vs_sync']):>10}{f(r['speedup_vs_best_baseline']):>10}")
-        print("'-': not reached within the horizon, or (baselines after sync) within the best baseline time")
-        for r in rows:
-            print(f"S={r['heterogeneity']:g} params: " + "; ".join(
-                f"{m} " + ",".join(f"{k}={v:g}" for k, v in p.items()) for m, p in r["params"].items()))
+        return 0
+    print(f"sweep: n={exp.workers} d={exp.dim} target={exp.target:g} seeds={seeds[0]}..{seeds[-1]}"
+          f"{_faults_text(exp)}   sustained time to target, median [min, max] over seeds")
+    from ..runtime.metrics import spread_text
+
+    print(f"{'S':>6}" + "".join(f"{n:>30}" for n in order) + f"{'vs sync':>22}{'vs best':>22}")
+    for r in rows:
+        def cell(method: str) -> str:
+            cut = sum(rec["cut_off"] is not None for rec in r["methods"][method]["seeds"])
+            text = spread_text(r["methods"][method]["aggregate"]["time_to_target"])
+            return f"{text} ({cut} cut)" if cut else text
+
+        cells = "".join(f"{cell(n):>30}" for n in order)
+
+        def up(stats: dict) -> str:
+            text = spread_text(stats, ".2f")
+            return f"{'>=' if stats['bounds'] else ''}{text}"
+
+        print(f"{r['heterogeneity']:>6g}{cells}{up(r['speedup_vs_sync']):>22}{up(r['speedup_vs_best_baseline']):>22}")
+    print("'-': not reached within the horizon; (c cut): c seeds of a baseline after sync were cut off once they "
+          "could no longer beat the best baseline of their seed; '>=': some seeds give only a lower bound (the "
+          "other method never got there); k/K: seeds with a value")
+    for r in rows:
+        print(f"S={r['heterogeneity']:g} params: " + "; ".join(f"{m} {params_text(p)}" for m, p in r["params"].items()))
     return 0

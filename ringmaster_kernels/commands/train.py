@@ -97,14 +97,13 @@ def method_list(text: str) -> list[str]:
 
 
 def policy_options(args: argparse.Namespace, method: str, num_workers: int) -> dict:
-    options = {"lr": args.lr, "momentum": args.momentum}
-    if method in ("ringmaster", "ringmaster_asgd"):
-        options["threshold"] = args.threshold
-    if method == "rennala":
-        options["batch"] = args.batch or num_workers
-    if method in ("ringmaster_pa", "ringmaster_asgd"):
-        options.pop("momentum")
-    return options
+    """The flags ``method`` takes (every Ringmaster variant by name takes ``--threshold``;
+    the parameter-agnostic ones follow their own momentum schedule)."""
+    from ..optim.policies import METHODS
+
+    options = {"lr": args.lr, "momentum": args.momentum, "threshold": args.threshold,
+               "batch": args.batch or num_workers}
+    return {k: v for k, v in options.items() if k in METHODS[method][2]}
 
 
 def parse_faults(specs: list[str], n: int) -> dict:

@@ -25,7 +25,9 @@ names its norm ball, and :func:`ringmaster_kernels.norms.lmo` supplies the direc
 makes :class:`Ringmaster` the Ringmaster ASGD of Maranjyan et al.
 
 Methods (names as used by ``ringmaster simulate``): ``ringmaster`` (fixed R, with
-stops), ``ringmaster_pa`` (parameter-agnostic schedules), ``async`` (no threshold),
+stops by default, ``stops=False`` to turn them off), ``ringmaster_nostops``,
+``ringmaster_alg1`` (the paper's Algorithm 1: no stops, no Nesterov), ``ringmaster_pa``
+(parameter-agnostic schedules; ``_nostops`` and ``_alg1`` likewise), ``async`` (no threshold),
 ``delay_adaptive`` (eta * n / max(n, delay)), ``rennala`` (B gradients at one point),
 ``sync`` (all n workers at one point), ``ringmaster_asgd`` (Euclidean, no momentum).
 Build any of them with :func:`make_policy`.
@@ -184,6 +186,10 @@ class Policy:
     def counters(self) -> dict[str, int]:
         """``{"version", "accepted", "discarded"}`` (cancelled jobs are counted by the driver)."""
         return {"version": self.version, "accepted": self.accepted, "discarded": self.discarded}
+
+    def observe_time(self, worker: int, seconds: float) -> None:
+        """The driver measured ``worker``'s last job at ``seconds`` (told before its gradient
+        is offered). Ignored except by methods that estimate worker times online."""
 
     def remove_worker(self, worker: int) -> Decision | None:
         """The driver lost ``worker`` for good (it crashed or hung); call once per worker.
@@ -402,17 +408,35 @@ class Minibatch(Policy):
 
 
 _COMMON = ("lr", "norm", "radius", "momentum", "nesterov", "backend", "fused", "schedule")
+_PA = ("lr", "norm", "radius", "nesterov", "backend", "fused", "schedule")  # momentum follows the schedule
 
-# name -> (constructor, fixed keyword arguments, keyword arguments a caller may set)
+
+def _without(keys: tuple[str, ...], *drop: str) -> tuple[str, ...]:
+    return tuple(k for k in keys if k not in drop)
+
+
+# name -> (constructor, fixed keyword arguments, keyword arguments a caller may set).
+# Ringmaster comes in every variant by name: stops on (the authors' code) or off, Nesterov
+# on or off; "_alg1" is the paper's analysed Algorithm 1 (x+ = x + eta lmo(m+): plain EMA
+# momentum, no Nesterov, no stops). With a torch.optim optimizer or update rule the
+# optimizer owns its momentum, so "_alg1" then fixes the delay rule only (no stops).
 METHODS: dict[str, tuple[type, dict[str, Any], tuple[str, ...]]] = {
-    "ringmaster": (Ringmaster, {"stops": True}, _COMMON + ("threshold",)),
-    "ringmaster_pa": (ParameterAgnosticRingmaster, {"stops": True}, ("lr", "norm", "radius", "nesterov", "backend", "fused", "schedule")),
+    "ringmaster": (Ringmaster, {}, _COMMON + ("threshold", "stops")),
+    "ringmaster_nostops": (Ringmaster, {"stops": False}, _COMMON + ("threshold",)),
+    "ringmaster_alg1": (Ringmaster, {"stops": False, "nesterov": False}, _without(_COMMON, "nesterov") + ("threshold",)),
+    "ringmaster_pa": (ParameterAgnosticRingmaster, {}, _PA + ("stops",)),
+    "ringmaster_pa_nostops": (ParameterAgnosticRingmaster, {"stops": False}, _PA),
+    "ringmaster_pa_alg1": (ParameterAgnosticRingmaster, {"stops": False, "nesterov": False}, _without(_PA, "nesterov")),
     "sync": (Minibatch, {"per_worker": True}, _COMMON),
     "async": (Ringmaster, {"threshold": math.inf, "stops": False}, _COMMON),
     "delay_adaptive": (DelayAdaptive, {}, _COMMON),
     "rennala": (Minibatch, {"per_worker": False}, _COMMON + ("batch",)),
     "ringmaster_asgd": (Ringmaster, {"stops": True, "norm": None, "momentum": 0.0}, ("lr", "threshold", "backend")),
+    # Euclidean SGD-type methods for heterogeneous data (optim/hetero_policies.py); "asgd" is
+    # plain asynchronous SGD, the biased baseline they correct.
+    "asgd": (Ringmaster, {"threshold": math.inf, "stops": False, "norm": None, "momentum": 0.0}, ("lr", "backend")),
 }
+# (rescaled_asgd, ringleader and malenia join this table from optim/hetero_policies.py.)
 
 
 # keywords of the built-in LMO-momentum rule: an optimizer or update rule owns these itself
@@ -441,8 +465,8 @@ def make_policy(
     _check_int(num_workers, "num_workers")  # before sync turns it into its batch
     cls, fixed, allowed = METHODS[method]
     if isinstance(params, (torch.optim.Optimizer, UpdateRule)):
-        if method == "ringmaster_asgd":
-            raise ValueError("method 'ringmaster_asgd' is the built-in Euclidean rule; it takes no optimizer or update rule")
+        if fixed.get("norm", "") is None:
+            raise ValueError(f"method {method!r} is the built-in Euclidean rule; it takes no optimizer or update rule")
         allowed = tuple(k for k in allowed if k not in _RULE_KEYS)
         fixed = {k: v for k, v in fixed.items() if k not in _RULE_KEYS}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -455,3 +479,4 @@ def make_policy(
     policy = cls(params, num_workers=num_workers, **args)
     policy.name = method
     return policy
+

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..optim.policies import Decision, Policy
+from .metrics import curve_metrics, time_to
 from .objectives import Objective
 from .time_models import TimeModel
 
@@ -55,6 +56,7 @@ class Trace:
             job can end any more).
         metric_name: what ``metric`` is.
         wall_s: host seconds the simulation took.
+        stopped: ``stop_if`` ended the run at ``end_time``, before the horizon.
     """
 
     time: np.ndarray
@@ -72,6 +74,7 @@ class Trace:
     metric_name: str
     in_flight: int = 0
     wall_s: float = 0.0
+    stopped: bool = False
 
     @property
     def num_accepted(self) -> int:
@@ -97,11 +100,14 @@ class Trace:
     def final_metric(self) -> float:
         return float(self.curve()[1][-1])
 
-    def time_to_target(self, target: float) -> float | None:
-        """First virtual time the metric is ``<= target`` (``None`` if never)."""
-        times, values = self.curve()
-        hit = np.nonzero(values <= target)[0]
-        return float(times[hit[0]]) if hit.size else None
+    def time_to(self, target: float) -> tuple[float | None, float | None]:
+        """``(first_hit, sustained)`` virtual times for ``target`` (see :func:`metrics.time_to`)."""
+        return time_to(*self.curve(), target)
+
+    def metrics(self, target: float, horizon: float | None = None) -> dict[str, Any]:
+        """``time_to_target`` (sustained), ``first_hit``, ``final``, ``tail_median`` over the last
+        quarter of ``horizon`` (default: ``end_time``); see :mod:`~ringmaster_kernels.runtime.metrics`."""
+        return curve_metrics(*self.curve(), target, self.end_time if horizon is None else horizon)
 
     def delay_histogram(self, bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """``numpy.histogram`` of the delays of accepted gradients."""
@@ -126,7 +132,8 @@ class Simulation:
         seed: an int >= 0, the run's only source of randomness.
         record_every: measure the metric after every this many updates (>= 1).
         max_events: stop after this many arrivals (>= 1; ``None``: no limit).
-        stop_at: stop as soon as a measured metric is ``<= stop_at`` (``None``: never).
+        stop_if: ``stop_if(time, metric) -> bool``, asked after every measurement; the run
+            ends when it says so (``None``: never), e.g. :func:`metrics.cannot_beat`.
         progress: called with the current virtual time now and then (e.g. a tqdm update).
 
     :meth:`run` goes on until the horizon (or
@@ -147,7 +154,7 @@ class Simulation:
         seed: int = 0,
         record_every: int = 1,
         max_events: int | None = None,
-        stop_at: float | None = None,
+        stop_if: Callable[[float, float], bool] | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> None:
         n = time_model.num_workers
@@ -166,7 +173,7 @@ class Simulation:
             raise ValueError(f"max_events must be None or an int >= 1, got {max_events!r}")
         self.policy, self.objective, self.time_model = policy, objective, time_model
         self.horizon, self.record_every, self.max_events = float(horizon), record_every, max_events
-        self.stop_at, self.progress = stop_at, progress
+        self.stop_if, self.progress = stop_if, progress
         self.n = n
         self.time_rng, self.grad_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
         self.sample = time_model.sampler(self.time_rng)
@@ -175,6 +182,7 @@ class Simulation:
         dying = np.argsort(self.death_time, kind="stable")
         self.dying = dying[np.isfinite(self.death_time[dying])].tolist()
         self.finish = np.full(n, np.inf)  # job end times; inf: idle, dead or waiting
+        self.begin = np.zeros(n)  # job start times, for policies that measure compute times
         self.start_version = np.zeros(n, dtype=np.int64)
         self.idle = np.zeros(n, dtype=bool)
         self.snapshots: dict[int, list[torch.Tensor]] = {}
@@ -187,6 +195,7 @@ class Simulation:
         self.updates_since_record = 0
         self.initial_metric: float | None = None
         self.ended = False
+        self.stopped = False
         self.wall_s = 0.0
 
     # ------------------------------------------------------------------ events
@@ -195,6 +204,7 @@ class Simulation:
         if version not in self.snapshots:
             self.snapshots[version] = [p.detach().clone() for p in self.policy.params]
         self.finish[workers] = self.now + self.sample(workers)
+        self.begin[workers] = self.now
         self.start_version[workers] = version
         self.started += 1 if isinstance(workers, int) else workers.shape[0]
 
@@ -207,7 +217,7 @@ class Simulation:
     def _execute(self, worker: int, decision: Decision, death: bool) -> bool:
         """Carry out ``decision`` at ``now`` and record the event; ``death``: it came from
         ``policy.remove_worker(worker)``, so there is no arriving worker to restart.
-        Returns whether the metric reached ``stop_at``."""
+        Returns whether ``stop_if`` ended the run."""
         if not death:
             if decision.restart:
                 self._start(worker)
@@ -224,25 +234,25 @@ class Simulation:
             self.idle[:] = False
             self._start(waiting)
         metric = math.nan
-        reached = False
+        stopped = False
         if decision.advanced:
             self.updates_since_record += 1
             if self.updates_since_record >= self.record_every:
                 metric = self.objective.metric(self.policy.params)
                 self.updates_since_record = 0
-                reached = self.stop_at is not None and metric <= self.stop_at
+                stopped = self.stop_if is not None and bool(self.stop_if(self.now, metric))
         self.rows.append((self.now, worker, decision.delay, decision.accepted, decision.version, cancelled, metric, death))
-        return reached
+        return stopped
 
     def run(self, pause_after: int | None = None) -> Trace:
-        """Simulate until the end (horizon, ``max_events``, ``stop_at``, no job left) or
+        """Simulate until the end (horizon, ``max_events``, ``stop_if``, no job left) or
         until ``pause_after`` arrivals in total; returns the trace so far."""
         wall_start = time.perf_counter()
         policy, finish, death_time, dying = self.policy, self.finish, self.death_time, self.dying
         if self.initial_metric is None:
             self.initial_metric = self.objective.metric(policy.params)
             self._start(np.arange(self.n))
-        reached = False
+        stopped = False
         next_progress = self.now
         limit = self.max_events if pause_after is None else (
             pause_after if self.max_events is None else min(pause_after, self.max_events))
@@ -269,16 +279,17 @@ class Simulation:
                 decision = policy.remove_worker(worker)
                 if decision is None:
                     decision = Decision(accepted=False, advanced=False, version=policy.version, delay=0)
-                reached = self._execute(worker, decision, death=True)
+                stopped = self._execute(worker, decision, death=True)
             else:
                 version = int(self.start_version[worker])
                 snapshot = self.snapshots[version]
+                policy.observe_time(worker, t - float(self.begin[worker]))
                 decision = policy.on_gradient(
                     worker, version, lambda: self.objective.gradient(snapshot, self.grad_rng, worker))
                 self.events += 1
                 finish[worker] = np.inf
-                reached = self._execute(worker, decision, death=False)
-            if reached:
+                stopped = self._execute(worker, decision, death=False)
+            if stopped:
                 break
             if len(self.snapshots) > 2 * self.n + 16:
                 self._prune()
@@ -287,11 +298,12 @@ class Simulation:
                 next_progress = self.now + self.horizon / 200
         if not paused:
             self.ended = True
-        ran_out = (self.max_events is not None and self.events >= self.max_events) or reached or not np.isfinite(finish).any()
+        ran_out = (self.max_events is not None and self.events >= self.max_events) or stopped or not np.isfinite(finish).any()
         end_time = self.now if (ran_out or paused) else self.horizon
         if self.progress is not None:
             self.progress(min(end_time, self.horizon))
         self.wall_s += time.perf_counter() - wall_start
+        self.stopped = stopped
         return self.trace(end_time)
 
     def trace(self, end_time: float) -> Trace:
@@ -306,6 +318,7 @@ class Simulation:
             metric=column(6, np.float64), death=column(7, bool),
             initial_metric=self.initial_metric, started=self.started, lost=self.lost, end_time=end_time,
             metric_name=self.objective.metric_name, in_flight=int(np.isfinite(self.finish).sum()), wall_s=self.wall_s,
+            stopped=self.stopped,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -319,6 +332,7 @@ class Simulation:
             "grad_rng": self.grad_rng.bit_generator.state,
             "sampler": self.sample.state_dict(),
             "finish": torch.from_numpy(self.finish.copy()),
+            "begin": torch.from_numpy(self.begin.copy()),
             "start_version": torch.from_numpy(self.start_version.copy()),
             "idle": torch.from_numpy(self.idle.copy()),
             "dying": list(self.dying),
@@ -359,6 +373,8 @@ class Simulation:
         self.grad_rng.bit_generator.state = state["grad_rng"]
         self.sample.load_state_dict(state["sampler"])  # restores the time stream too
         self.finish[:] = state["finish"].numpy()
+        if "begin" in state:  # absent from checkpoints written before policies measured times
+            self.begin[:] = state["begin"].numpy()
         self.start_version[:] = state["start_version"].numpy()
         self.idle[:] = state["idle"].numpy()
         self.dying[:] = [int(w) for w in state["dying"]]

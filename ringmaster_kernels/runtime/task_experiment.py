@@ -9,8 +9,8 @@ ratios hold on a loaded machine. ``clock="virtual"``: the authors' protocol on o
 by every method. ``f(i)`` is ``sqrt(i)``, ``i`` or 1 (``profile``).
 
 :func:`run_methods` returns one summary per method; :func:`table` and :func:`plot` report
-them; :func:`time_to` gives the first time a curve reaches a value and the sustained time
-(the first time after which it stays there up to the end of the run).
+them; :func:`~ringmaster_kernels.runtime.metrics.time_to` gives the first time a curve reaches a value
+and the sustained time (the first time after which it stays there up to the end of the run).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 
 from ..optim.policies import METHODS, make_policy
 from . import checkpoint
+from .metrics import time_to
 from .simulator import Simulation
 from .trainer import AsyncTrainer
 from .virtual import PROFILES, TaskObjective, authors_time_model, master_model, profile_factors
@@ -49,27 +50,11 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 
 def policy_options(method: str, threshold: int, batch: int | None, num_workers: int) -> dict:
     """The delay-rule settings of ``method`` (the update rule brings its own step sizes)."""
-    if method == "ringmaster":
+    if "threshold" in METHODS[method][2]:  # every Ringmaster variant with a fixed R
         return {"threshold": threshold}
     if method == "rennala":
         return {"batch": batch or num_workers}
     return {}
-
-
-def time_to(times: Sequence[float], values: Sequence[float], target: float) -> tuple[float | None, float | None]:
-    """``(first, sustained)``: the first time ``value <= target``, and the first time after
-    which every later value is ``<= target`` (``None`` when never)."""
-    v = np.asarray(values, dtype=np.float64)
-    t = np.asarray(times, dtype=np.float64)
-    below = v <= target
-    if not below.any():
-        return None, None
-    first = float(t[np.argmax(below)])
-    above = np.nonzero(~below)[0]
-    if above.size == 0:
-        return first, float(t[0])
-    last_above = above[-1]
-    return first, (float(t[last_above + 1]) if last_above + 1 < t.size else None)
 
 
 def _real(task: Any, method: str, options: dict, *, n: int, profile: str, seconds: float, seed: int, out: str,
