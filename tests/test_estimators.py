@@ -268,3 +268,98 @@ def test_bad_names_and_missing_inputs():
         estimators.update_(estimators.get("mvr1"), torch.zeros(2), torch.ones(2), beta=0.5)
     with pytest.raises(ValueError, match="Hessian-vector"):
         estimators.update_(estimators.get("hcm2"), torch.zeros(2), torch.ones(2), beta=0.5)
+
+
+# ---------------------------------------------------------------------- the async rule
+from ringmaster_kernels.optim.policies import make_policy  # noqa: E402
+from ringmaster_kernels.optim.update_rules import LMOMomentum  # noqa: E402
+
+
+def run_rule(name, norm, problem, steps, *, lr, beta, q, seed):
+    """The async rule driven as a synchronous worker would: each payload holds g at the
+    current point and the extra input at the rule's previous copy (s drawn as the loop does)."""
+    torch.manual_seed(seed)
+    params = [t.clone() for t in problem.x0]
+    options = {"compute_dtype": torch.float64} if norm == "spectral" else {}
+    rule = LMOMomentum([{"params": params, "lmo_options": options}], lr=lr, norm=norm, momentum=beta,
+                       momentum_estimator=name, mvr_q=q, backend="torch")
+    for k in range(steps):
+        g = problem.grad(params, k)
+        payload = g
+        if rule.job == "previous_gradient":
+            payload = g + problem.grad(rule.previous, k)
+        elif rule.job is not None:
+            d = [a - b for a, b in zip(params, rule.previous)]
+            point = params
+            if rule.job == "hvp:random" and k > 0:  # at k = 0, d = 0: the loop draws nothing
+                s = float(torch.rand(()))
+                point = [b + s * di for b, di in zip(rule.previous, d)]
+            payload = g + problem.hess(point, d)
+        rule.apply(payload, version=k)
+    return params
+
+
+@pytest.mark.parametrize("steps", (1, 10))
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", estimators.KNOWN)
+def test_async_rule_estimator_matches_float64_loop(name, norm, steps):
+    problem = Problem(seed=8, steps=steps)
+    hyper = dict(lr=0.05, beta=0.8, q=0.3, seed=2)
+    expected = float64_loop(name, norm, problem, steps, **hyper)
+    got = run_rule(name, norm, problem, steps, **hyper)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", (False, True))
+@pytest.mark.parametrize("norm", ("spectral", "sign", "l2", "rownorm"))
+def test_l0l1_rule_gives_the_same_step_in_gluon_and_in_an_async_policy(norm, fused):
+    problem = Problem(seed=9, steps=6)
+    L0, L1 = 0.3, 1.7
+    sync = [t.clone().float().requires_grad_(True) for t in problem.x0]
+    gluon = Gluon(sync, lr=0.5, momentum=0.9, nesterov=True, norm=norm, L0=L0, L1=L1, backend="torch")
+    asynchronous = [t.clone().float() for t in problem.x0]
+    policy = make_policy("ringmaster", [{"params": asynchronous, "step_rule": "l0l1",
+                                         "step_options": {"L0": L0, "L1": L1}}],
+                         num_workers=1, lr=0.5, momentum=0.9, nesterov=True, norm=norm, fused=fused, backend="torch")
+    for k in range(6):
+        grads = [g.float() for g in problem.grad([p.detach().double() for p in sync], k)]
+        for p, g in zip(sync, grads):
+            p.grad = g.clone()
+        gluon.step()
+        policy.on_gradient(0, policy.version, [g.clone() for g in grads])
+        for a, b in zip(asynchronous, sync):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+    assert policy.version == 6
+
+
+def test_async_rule_bad_payloads_and_groups():
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    rule = LMOMomentum([x], lr=0.1, norm="l2", momentum_estimator="mvr1")
+    assert rule.job == "previous_gradient"
+    with pytest.raises(ValueError, match="previous iterate.*2 x 1 tensors"):
+        rule.apply([torch.ones_like(x)], version=0)
+    with pytest.raises(ValueError, match="one kind of extra input"):
+        LMOMomentum([{"params": [x], "momentum_estimator": "mvr1"},
+                     {"params": [x.clone()], "momentum_estimator": "hcm1"}], lr=0.1, norm="l2")
+    with pytest.raises(ValueError, match="raw step"):
+        LMOMomentum([x], lr=0.1, norm=None, step_rule="theorem2")
+    with pytest.raises(ValueError, match="must be one of"):
+        LMOMomentum([x], lr=0.1, norm="l2", momentum_estimator="adam")
+
+
+def test_async_rule_state_round_trip():
+    problem = Problem(seed=10, steps=4)
+    params = [t.clone() for t in problem.x0]
+    rule = LMOMomentum(params, lr=0.1, norm="l2", momentum_estimator="mvr2", step_rule="distance_adaptive")
+    for k in range(2):
+        rule.apply(problem.grad(params, k) + problem.grad(rule.previous, k), version=k)
+    state = rule.state_dict()
+    twin_params = [p.clone() for p in params]
+    twin = LMOMomentum(twin_params, lr=0.1, norm="l2", momentum_estimator="mvr2", step_rule="distance_adaptive")
+    twin.load_state_dict(state)
+    for k in range(2, 4):
+        rule.apply(problem.grad(params, k) + problem.grad(rule.previous, k), version=k)
+        twin.apply(problem.grad(twin_params, k) + problem.grad(twin.previous, k), version=k)
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)

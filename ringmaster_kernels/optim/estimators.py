@@ -33,7 +33,7 @@ also run fused inside ``ops.lmo_step_``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -272,3 +272,25 @@ def extra_for(estimator: Estimator, extras: dict[str, list[torch.Tensor]], i: in
         return None
     key = "hvp_random" if estimator.hvp_at == "random" else estimator.needs
     return extras[key][i]
+
+
+# ---------------------------------------------------------------------- asynchronous jobs
+def job_of(estimator: Estimator) -> str | None:
+    """What a worker job must return besides the gradient: None, ``"previous_gradient"``,
+    ``"hvp:current"`` or ``"hvp:random"``."""
+    if estimator.needs == HVP:
+        return f"{HVP}:{estimator.hvp_at}"
+    return estimator.needs
+
+
+def split_payload(grads: Sequence[torch.Tensor], n: int, job: str | None
+                  ) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor] | None]:
+    """A job's result as (gradients, extras): ``2 n`` tensors ``[g_1..g_n, e_1..e_n]`` when
+    ``job`` is set, ``n`` gradients otherwise; ValueError naming what is missing."""
+    if job is None:
+        return grads, None
+    if len(grads) != 2 * n:
+        what = _NEEDS[job.split(":", 1)[0]]
+        raise ValueError(f"this rule's momentum estimator needs {what}: a gradient must hold 2 x {n} tensors "
+                         f"(the {n} gradients, then the {n} extra tensors), got {len(grads)}")
+    return grads[:n], grads[n:]

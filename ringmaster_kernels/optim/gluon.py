@@ -409,7 +409,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
                                                   h=state.get(MVR_STATE))
                         if h is not None:
                             state[MVR_STATE] = h
-                        _direction_step(x, u, lr, factor, rule, common)
+                        step_rules.direction_step_(x, u, lr, factor, common)
                     if rule.stateful:
                         state[RULE_STEP] = k + 1
             for p, w in zip(params, work):
@@ -436,25 +436,6 @@ def _step_rule(group: dict[str, Any], where: str) -> tuple[step_rules.StepRule, 
     if rule.name == "l0l1":
         options.update(L0=group["L0"], L1=group["L1"])
     return rule, step_rules.check_options(rule, options, f"{where}: step_options")
-
-
-def _direction_step(x: torch.Tensor, u: torch.Tensor, lr: float, factor: dict[str, Any],
-                    rule: step_rules.StepRule, common: dict[str, Any]) -> None:
-    """``x <- (1 - lr wd) x + lr t lmo(u)`` for one tensor, ``u`` (fp32) the estimator's output.
-
-    A rule that reads ``lmo(u)`` gets the direction computed here, once, and the step is
-    applied from it; the others step through ``ops.lmo_step_`` with ``u`` as the gradient,
-    ``beta = 0`` and a zeroed scratch momentum (it may not alias ``u``; zeros, since even
-    ``0 * m`` would carry a NaN of uninitialised memory), so every norm keeps its kernel path."""
-    if not rule.needs_direction:
-        u = u.contiguous()
-        ops.lmo_step_([x], [u], [torch.zeros_like(u)], lr=lr * step_rules.factor(**factor), beta=0.0,
-                      nesterov=False, **common)
-        return
-    opts = {k: v for k, v in common.items() if k not in ("norm", "radius", "weight_decay")}
-    direction = norms.lmo(u, common["norm"], common["radius"], **opts)
-    t = step_rules.factor(**factor, direction=direction)
-    x.copy_(torch.add(x.float() * (1.0 - lr * common["weight_decay"]), direction.float(), alpha=lr * t))
 
 
 def _check_number(where: str, name: str, value: object, high: float = math.inf) -> None:
