@@ -37,6 +37,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import reference
+
 # what an estimator needs beyond g, as error messages name it
 PREVIOUS_GRADIENT = "previous_gradient"
 HVP = "hvp"
@@ -130,21 +132,19 @@ def update_(
     """
     if estimator.needs is not None and extra is None:
         raise ValueError(f"momentum_estimator {estimator.name!r} needs {_NEEDS[estimator.needs]}; none was given")
-    g = g.to(m.dtype)
-    source = g
-    if estimator.recursion:
-        g_prev = extra.to(m.dtype)
-        if h is None:
-            h = g.clone()  # h^0 = g^0
-        else:
-            h.sub_(g_prev).mul_(1.0 - q).add_(g)
-        source = h
-    m.lerp_(source, 1.0 - beta)  # exact at weight 1: beta = 0 gives m = source
-    if estimator.correction:
-        delta = g - extra.to(m.dtype) if estimator.needs == PREVIOUS_GRADIENT else extra.to(m.dtype)
-        m.add_(delta, alpha=beta)
-    u = torch.lerp(g, m, beta) if estimator.nesterov else m
+    if estimator.recursion and h is None:
+        h = extra.to(m.dtype).clone()  # h = e makes the first recursion h = g + (1 - q) * 0 = g
+    u = reference.momentum_update_(m, g, beta=beta, nesterov=estimator.nesterov, correction=correction_of(estimator),
+                                   extra=extra, h=h if estimator.recursion else None, q=q)
     return u, h
+
+
+def correction_of(estimator: Estimator) -> str | None:
+    """The momentum pass's correction term: "difference" (MVR: beta (g - g_prev)),
+    "vector" (HCM: beta Hv) or None."""
+    if not estimator.correction:
+        return None
+    return "difference" if estimator.needs == PREVIOUS_GRADIENT else "vector"
 
 
 # ---------------------------------------------------------------------- synchronous extras
@@ -202,6 +202,8 @@ def closure_extras(
     put back afterwards. hcm1 takes its Hessian-vector product at x_k by double backward
     through the first call. hcm2's ``xhat = x_{k-1} + s (x_k - x_{k-1})`` draws one
     ``s ~ U(0, 1)`` per step from torch's global generator (``torch.manual_seed`` fixes it).
+    A model with fused attention must run its forward under SDPA's math backend for hcm
+    (``runtime.objectives.twice_differentiable()``): the fused kernels have no double backward.
 
     Args:
         closure: as above.

@@ -14,6 +14,14 @@ import numpy as np
 import torch
 
 
+def twice_differentiable():
+    """A context where attention runs as plain differentiable ops (SDPA's math backend):
+    the fused CPU/GPU attention kernels have no double backward, which an HVP needs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def hessian_vector_product(loss: torch.Tensor, leaves: Sequence[torch.Tensor], d: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``H d`` of the scalar ``loss`` w.r.t. ``leaves`` (tensors that require grad) by double
     backward: one gradient with its graph, then its product with ``d``. Leaves the loss
@@ -244,7 +252,7 @@ class ModuleObjective(Objective):
     def hessian_vector(self, params: Sequence[torch.Tensor], d: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         """``H d`` by double backward on the batch."""
         leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable():
             return hessian_vector_product(self._loss(leaves, batch), leaves, d)
 
     def metric(self, params: Sequence[torch.Tensor]) -> float:

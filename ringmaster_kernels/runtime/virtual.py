@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .layout import param_layout
-from .objectives import Objective, hessian_vector_product
+from .objectives import Objective, hessian_vector_product, twice_differentiable
 from .time_models import TimeModel
 from .worker import open_stream
 
@@ -107,7 +107,7 @@ class TaskObjective(Objective):
     def hessian_vector(self, params: Sequence[torch.Tensor], d: Sequence[torch.Tensor], batch: list[Any]) -> list[torch.Tensor]:
         """``H d`` on the micro-batches, by double backward through the replica."""
         self._load(params)
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable():
             loss = sum(self.task.loss(self.replica, micro) for micro in batch) / self.accum_steps
             return hessian_vector_product(loss, self._replica_params, d)
 
