@@ -139,6 +139,21 @@ def update_(
     return u, h
 
 
+def fused_args(estimator: Estimator, extras: Sequence[torch.Tensor | None], h: Sequence[torch.Tensor] | None,
+               q: float) -> dict:
+    """``ops.lmo_step_``'s estimator keywords for a list of tensors ({} for ema/nesterov,
+    whose momentum the pass computes without them); ``h``: MVR-2's fp32 states, each
+    started at its ``e`` (see :func:`update_`)."""
+    if estimator.fusable:
+        return {}
+    return dict(correction=correction_of(estimator), extras=list(extras), recursion=None if h is None else list(h), q=q)
+
+
+def one_of(args: dict, j: int) -> dict:
+    """:func:`fused_args` for tensor ``j`` alone."""
+    return {k: [v[j]] if isinstance(v, list) else v for k, v in args.items()}
+
+
 def correction_of(estimator: Estimator) -> str | None:
     """The momentum pass's correction term: "difference" (MVR: beta (g - g_prev)),
     "vector" (HCM: beta Hv) or None."""

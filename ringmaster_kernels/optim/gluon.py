@@ -374,7 +374,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         common = dict(norm=group["norm"], weight_decay=group["weight_decay"], radius=group["radius"],
                       backend=self.backend, **options)
         lr, beta = float(group["lr"]), group["momentum"]
-        fused = estimator.fusable and not rule.needs_direction
+        maximize = group.get("maximize", False)  # a group loaded from before maximize existed lacks it
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is not None:
@@ -385,36 +385,47 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
             work = [p if p.is_contiguous() else p.contiguous() for p in params]
             xs = [w.view(matrix_shape(w.shape)) for w in work]
             gs = [p.grad.reshape(x.shape) for p, x in zip(params, xs)]
-            if group.get("maximize", False):  # a group loaded from before maximize existed lacks it
+            if maximize:
                 gs = torch._foreach_neg(gs)
             ms = [self._momentum(p).view(x.shape) for p, x in zip(params, xs)]
-            if fused and rule.name == "constant":
-                ops.lmo_step_(xs, gs, ms, lr=lr, beta=beta, nesterov=estimator.nesterov, **common)
-            else:
-                for p, x, g, m in zip(params, xs, gs, ms):
-                    state = self.state[p]
-                    k = int(state.get(RULE_STEP, 0))
-                    beta_k = step_rules.momentum(rule, k, beta)
-                    factor = dict(rule=rule, options=rule_options, k=k, x=x, g=g, norm=group["norm"],
-                                  norm_options=options, state=state)
-                    if fused:  # the momentum stays in the fused pass; only lr changes per tensor
-                        ops.lmo_step_([x], [g], [m], lr=lr * step_rules.factor(**factor), beta=beta_k,
-                                      nesterov=estimator.nesterov, **common)
-                    else:
-                        extra = estimators.extra_for(estimator, extras, index[p]) if p in index else None
-                        if extra is not None and group.get("maximize", False):
-                            extra = -extra
-                        u, h = estimators.update_(estimator, m, g, beta=beta_k, q=group.get("mvr_q", 0.1),
-                                                  extra=None if extra is None else extra.reshape(x.shape),
-                                                  h=state.get(MVR_STATE))
-                        if h is not None:
-                            state[MVR_STATE] = h
-                        step_rules.direction_step_(x, u, lr, factor, common)
-                    if rule.stateful:
-                        state[RULE_STEP] = k + 1
+            es: list[torch.Tensor | None] = [None] * len(xs)
+            if not estimator.fusable:  # maximizing -f: its previous gradient and Hessian are negated too
+                es = [estimators.extra_for(estimator, extras, index[p]).reshape(x.shape) * (-1.0 if maximize else 1.0)
+                      for p, x in zip(params, xs)]
+            hs = [self._mvr_h(p, e) for p, e in zip(params, es)] if estimator.recursion else None
+            fused = estimators.fused_args(estimator, es, hs, group.get("mvr_q", 0.1))
+            if rule.name == "constant":  # one multi-tensor pass: momentum (any estimator), LMO, update
+                ops.lmo_step_(xs, gs, ms, lr=lr, beta=beta, nesterov=estimator.nesterov, **common, **fused)
+                for p, w in zip(params, work):
+                    if w is not p:
+                        p.copy_(w)
+                continue
+            for j, (p, x, g, m) in enumerate(zip(params, xs, gs, ms)):
+                state = self.state[p]
+                k = int(state.get(RULE_STEP, 0))
+                beta_k = step_rules.momentum(rule, k, beta)
+                factor = dict(rule=rule, options=rule_options, k=k, x=x, g=g, norm=group["norm"],
+                              norm_options=options, state=state)
+                if not rule.needs_direction:  # the estimator stays in the fused pass; lr changes per tensor
+                    ops.lmo_step_([x], [g], [m], lr=lr * step_rules.factor(**factor), beta=beta_k,
+                                  nesterov=estimator.nesterov, **common, **estimators.one_of(fused, j))
+                else:
+                    u, _ = estimators.update_(estimator, m, g, beta=beta_k, q=group.get("mvr_q", 0.1), extra=es[j],
+                                              h=None if hs is None else hs[j])
+                    step_rules.direction_step_(x, u, lr, factor, common)
+                if rule.stateful:
+                    state[RULE_STEP] = k + 1
             for p, w in zip(params, work):
                 if w is not p:
                     p.copy_(w)
+
+    def _mvr_h(self, p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """MVR-2's fp32 ``h`` (matrix view); a new one starts at ``e``, so its first
+        recursion gives ``h = g`` (``estimators.update_``)."""
+        state = self.state[p]
+        if MVR_STATE not in state:
+            state[MVR_STATE] = e.to(torch.float32, copy=True).reshape(p.shape)
+        return state[MVR_STATE].view(e.shape)
 
     def _momentum(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .. import norms, ops
+from .. import norms
 
 
 @dataclass(frozen=True)
@@ -226,20 +226,10 @@ class SmoothnessFit:
 
 def direction_step_(x: torch.Tensor, u: torch.Tensor, lr: float, factor_args: dict[str, Any],
                     common: dict[str, Any]) -> None:
-    """``x <- (1 - lr wd) x + lr t lmo(u)`` for one tensor (a matrix view), ``u`` (fp32) an
-    estimator's output, ``t = factor(**factor_args)``; ``common``: ``ops.lmo_step_``'s
-    norm, radius, weight_decay, backend and norm options.
-
-    A rule that reads ``lmo(u)`` gets the direction computed here, once, and the step is
-    applied from it (in fp32, rounded once into x); the others step through
-    ``ops.lmo_step_`` with ``u`` as the gradient, ``beta = 0`` and a zeroed scratch momentum
-    (it may not alias ``u``; zeros, since even ``0 * m`` would carry a NaN of uninitialised
-    memory), so every norm keeps its kernel path."""
-    if not factor_args["rule"].needs_direction:
-        u = u.contiguous()
-        ops.lmo_step_([x], [u], [torch.zeros_like(u)], lr=lr * factor(**factor_args), beta=0.0, nesterov=False,
-                      **common)
-        return
+    """``x <- (1 - lr wd) x + lr t lmo(u)`` for one tensor (a matrix view) and a rule that
+    reads ``lmo(u)`` (``needs_direction``): the direction is computed once, gives
+    ``t = factor(**factor_args, direction=...)``, and the step is applied from it in fp32,
+    rounded once into x. ``common``: the norm, radius, weight_decay, backend and norm options."""
     opts = {k: v for k, v in common.items() if k not in ("norm", "radius", "weight_decay")}
     direction = norms.lmo(u, common["norm"], common["radius"], **opts)
     t = factor(**factor_args, direction=direction)

@@ -230,17 +230,31 @@ class LMOMomentum:
             lr = group["lr"] * lr_factor
             count = len(group["params"])
             est, rule = group["estimator"], group["rule"]
-            if self.fused and group["norm"] is not None and est.fusable and rule.name == "constant":
-                momenta = [self._buffer(j, torch.float32) for j in range(i, i + count)]
+            if self.fused and group["norm"] is not None and rule.name == "constant":
+                span = range(i, i + count)
+                momenta = [self._buffer(j, torch.float32) for j in span]
                 ops.lmo_step_(group["params"], list(grads[i:i + count]), momenta, norm=group["norm"], lr=lr,
                               beta=beta, nesterov=est.nesterov, radius=group["radius"], backend=self.backend,
-                              **group["lmo_options"])
+                              **group["lmo_options"], **self._fused_args(group, span, extras))
                 i += count
                 continue
             for p in group["params"]:
                 self._apply_one(group, i, p, grads[i], None if extras is None else extras[i], version, lr,
                                 step_rules.momentum(rule, version, beta), has_momentum or rule.name == "theorem2")
                 i += 1
+
+    def _fused_args(self, group: dict, span: Sequence[int], extras) -> dict:
+        """``ops.lmo_step_``'s estimator keywords for parameters ``span`` (fp32 h, started at e)."""
+        est = group["estimator"]
+        if est.fusable:
+            return {}
+        es = [extras[j] for j in span]
+        if est.recursion:
+            for j, e in zip(span, es):
+                if self._mvr_h[j] is None:
+                    self._mvr_h[j] = e.to(torch.float32, copy=True)
+        hs = [self._mvr_h[j] for j in span] if est.recursion else None
+        return estimators.fused_args(est, es, hs, group["mvr_q"])
 
     def _apply_one(self, group: dict, i: int, p: torch.Tensor, g: torch.Tensor, extra: torch.Tensor | None,
                    version: int, lr: float, beta: float, has_momentum: bool) -> None:
@@ -253,11 +267,13 @@ class LMOMomentum:
             m = self._buffer(i, torch.float32)
             common = dict(norm=group["norm"], weight_decay=0.0, radius=group["radius"], backend=self.backend,
                           **group["lmo_options"])
-            if est.fusable and not rule.needs_direction:
+            fused = self._fused_args(group, [i], None if extra is None else {i: extra})
+            if not rule.needs_direction:
                 ops.lmo_step_([p], [g], [m], lr=lr * step_rules.factor(**factor), beta=beta, nesterov=est.nesterov,
-                              **common)
+                              **common, **fused)
                 return
-            u, self._mvr_h[i] = estimators.update_(est, m, g, beta=beta, q=group["mvr_q"], extra=extra, h=self._mvr_h[i])
+            u, _ = estimators.update_(est, m, g, beta=beta, q=group["mvr_q"], extra=extra,
+                                      h=fused["recursion"][0] if fused.get("recursion") else None)
             step_rules.direction_step_(p, u, lr, factor, common)
             return
         u = g
