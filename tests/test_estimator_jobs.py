@@ -116,3 +116,72 @@ def test_simulated_mvr_run_is_reproducible():
 
     a, b = run(), run()
     assert np.array_equal(a.metric, b.metric, equal_nan=True) and np.array_equal(a.delay, b.delay)
+
+
+# ---------------------------------------------------------------------- the threaded runtime
+class _QuadraticTask:
+    """loss = c/2 ||w||^2 + <z, w> with a fresh z per batch: the gradient difference between
+    two points on ONE batch is c (w - w') exactly, whatever z."""
+
+    c = 3.0
+
+    def build_model(self):
+        return torch.nn.Linear(4, 1, bias=False)
+
+    def group_of(self, name):
+        return {"norm": "l2", "momentum_estimator": "mvr1"}
+
+    def sample(self, batch_size, generator, device):
+        return torch.randn(4, generator=generator).to(device)
+
+    def loss(self, model, z):
+        w = model.weight.reshape(-1)
+        return 0.5 * self.c * (w * w).sum() + (z * w).sum()
+
+    def evaluate(self, model):
+        return float((model.weight.detach() ** 2).sum())
+
+
+def test_threaded_mvr_jobs_compute_both_gradients_on_one_batch():
+    from ringmaster_kernels.runtime.server import Server
+    from ringmaster_kernels.runtime.trainer import AsyncTrainer, LocalWorker
+
+    task = _QuadraticTask()
+    trainer = AsyncTrainer(task, [LocalWorker(batch_size=1, compute_time=t) for t in (0.002, 0.005)], "ringmaster",
+                           {"lr": 0.05, "threshold": 3, "momentum": 0.9}, torch_threads=1)
+    published, delivered = {}, []
+    publish, deliver = Server.publish, Server.deliver
+
+    def spy_publish(self):
+        publish(self)
+        published[self.published[0]] = self.published[1].clone()
+
+    def spy_deliver(self, worker, version, grad, loss, device):
+        delivered.append((version, grad.clone()))
+        return deliver(self, worker, version, grad, loss, device)
+
+    Server.publish, Server.deliver = spy_publish, spy_deliver
+    try:
+        summary = trainer.run(max_updates=20, max_time=30.0)
+    finally:
+        Server.publish, Server.deliver = publish, deliver
+    assert summary["updates"] >= 20 and len(delivered) >= 20
+    n = 4
+    assert torch.equal(published[0][:n], published[0][n:])  # x^{-1} = x^0
+    for v in range(1, 20):
+        assert torch.equal(published[v][n:], published[v - 1][:n])  # the server's one previous copy
+    for v, grad in delivered:
+        x, prev = published[v][:n], published[v][n:]
+        torch.testing.assert_close(grad[:n] - grad[n:], task.c * (x - prev), rtol=1e-5, atol=1e-6)
+    assert float((trainer.master ** 2).sum()) < float((published[0][:n] ** 2).sum())
+
+
+def test_threaded_runtime_refuses_hcm_jobs():
+    from ringmaster_kernels.runtime.trainer import AsyncTrainer, LocalWorker
+
+    task = _QuadraticTask()
+    task.group_of = lambda name: {"norm": "l2", "momentum_estimator": "hcm1"}
+    trainer = AsyncTrainer(task, [LocalWorker(batch_size=1)], "ringmaster", {"lr": 0.05, "threshold": 3},
+                           torch_threads=1)
+    with pytest.raises(ValueError, match="HCM estimators under the simulator"):
+        trainer.run(max_updates=2)
