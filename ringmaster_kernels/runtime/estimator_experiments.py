@@ -132,6 +132,7 @@ def experiment(problem: Problem, variant_list: Sequence[Variant], methods: Seque
     for method in methods:
         traces: dict[str, list[Trace]] = {}
         chosen: dict[str, float] = {}
+        edge: dict[str, bool] = {}
         for v in variant_list:
             if len(grid) == 1:  # nothing to tune
                 chosen[v.name] = v.lr * grid[0]
@@ -144,7 +145,9 @@ def experiment(problem: Problem, variant_list: Sequence[Variant], methods: Seque
                 score = sustained(run(problem, v, method, v.lr * f, tune_seed, threshold=threshold, momentum=momentum),
                                   problem.horizon)
                 scores.append(math.inf if not math.isfinite(score) else score)
-            chosen[v.name] = v.lr * grid[int(np.argmin(scores))]
+            best = int(np.argmin(scores))
+            chosen[v.name] = v.lr * grid[best]
+            edge[v.name] = best in (0, len(grid) - 1)  # the optimum may lie beyond the grid
             traces[v.name] = [run(problem, v, method, chosen[v.name], s, threshold=threshold, momentum=momentum)
                               for s in seeds]
             log(f"{problem.name} {method} {v.name}: lr {chosen[v.name]:g}")
@@ -155,6 +158,7 @@ def experiment(problem: Problem, variant_list: Sequence[Variant], methods: Seque
             budget_scores = [at_budget(t, v.cost, b) for t, b in zip(traces[v.name], budgets)]
             rows.append({
                 "problem": problem.name, "method": method, "variant": v.name, "lr": chosen[v.name],
+                "grid_edge": edge.get(v.name, False),
                 "cost": v.cost, "time_cost": problem.time_cost(v),
                 "equal_time": _spread(time_scores), "equal_budget": _spread(budget_scores),
                 "budget": float(np.median(budgets)),
@@ -183,7 +187,8 @@ def quadratic_problem(dim: int, workers: int, horizon: float) -> Problem:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per (problem, method) the variants, equal-time and equal-budget medians [min, max]."""
+    """Markdown: per (problem, method) the variants, equal-time and equal-budget medians
+    [min, max] over the seeds; ``*``: the tuned lr is at an end of its grid."""
     def cell(s: dict[str, float]) -> str:
         if not s["n"]:
             return "not reached"
@@ -192,8 +197,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| problem | method | variant | lr | job cost (grads / time) | equal time | equal budget | accepted gradients |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['problem']} | {r['method']} | {r['variant']} | {r['lr']:g} | {r['cost']} / "
-                     f"{r['time_cost']:.2f} | {cell(r['equal_time'])} | {cell(r['equal_budget'])} | {r['accepted']:.0f} |")
+        mark = "*" if r.get("grid_edge") else ""
+        lines.append(f"| {r['problem']} | {r['method']} | {r['variant']} | {r['lr']:g}{mark} | {r['cost']} / "
+                     f"{r['time_cost']:.2f} | {cell(r['equal_time'])} | {cell(r['equal_budget'])} | {r.get('accepted', r.get('updates')):.0f} |")
     return "\n".join(lines)
 
 
@@ -206,11 +212,12 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> str:
 
     panels = sorted({(r["problem"], r["method"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors  # eleven variants: the default cycle has ten colours
     for ax, (prob, method) in zip(axes[0], panels):
-        for r in rows:
-            if (r["problem"], r["method"]) == (prob, method):
-                t, v = r["curves"][0]
-                ax.plot(t, v, label=r["variant"], lw=1, ls="-" if r["cost"] == 1 else "--")
+        mine = [r for r in rows if (r["problem"], r["method"]) == (prob, method)]
+        for c, r in enumerate(mine):
+            t, v = r["curves"][0]
+            ax.plot(t, v, label=r["variant"], lw=1, ls="-" if r["cost"] == 1 else "--", color=colors[2 * c % 20 + c // 10])
         ax.set_yscale("log")
         ax.set_xlabel("virtual time (each job costs its gradients)")
         ax.set_ylabel("metric")
