@@ -27,8 +27,10 @@ the first step there is no previous iterate: ``g_prev = g`` and ``d = 0`` (nothi
 is computed). With ALGORITHMS.md's ``(1 - q)``, mvr2/mvr3 reduce to the raw gradient at
 ``beta = 0, q = 1``; ``q = 0`` is the undamped SARAH recursion.
 
-The update here is the plain-torch path (elementwise, in ``m``'s dtype); ema and nesterov
-also run fused inside ``ops.lmo_step_``.
+:func:`update_` is the plain-torch path (elementwise, in ``m``'s dtype; its twin
+``reference.momentum_update_``); every estimator also runs inside the fused multi-tensor
+pass of ``ops.lmo_step_`` (:func:`fused_args` gives its keywords), which Gluon uses unless
+the step rule must read ``lmo(u)`` first.
 """
 from __future__ import annotations
 
