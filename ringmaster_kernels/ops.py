@@ -124,6 +124,36 @@ def _check_lists(spec, params, grads, momenta) -> list[torch.Tensor]:
     return [g.contiguous() for g in grads]
 
 
+def _check_estimator(params, momenta, correction, extras, recursion, nesterov):
+    """Validate the estimator inputs of ``lmo_step_``; returns (extras made contiguous, recursion)."""
+    if correction not in reference.CORRECTIONS:
+        raise ValueError(f"correction must be one of {reference.CORRECTIONS}, got {correction!r}")
+    if extras is None:
+        if correction is not None or recursion is not None:
+            raise ValueError("extras (the gradients at the previous iterate, or the Hessian-vector products) "
+                             "are required with correction or recursion")
+        return None, None
+    if correction is None and recursion is None:
+        raise ValueError("extras are read only with correction or recursion; pass one")
+    if nesterov:
+        raise ValueError("nesterov is the ema estimator's; it does not combine with correction or recursion")
+    for name, seq in (("extras", extras), ("recursion", recursion)):
+        if seq is None:
+            continue
+        if not isinstance(seq, (list, tuple)) or len(seq) != len(params):
+            raise ValueError(f"{name} must be a list of {len(params)} tensors, got {type(seq).__name__}")
+        for i, (t, x) in enumerate(zip(seq, params)):
+            if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.device != x.device or not t.is_floating_point():
+                raise ValueError(f"{name}[{i}] must be a float tensor of params[{i}]'s shape {tuple(x.shape)} "
+                                 f"on {x.device}")
+    if recursion is not None:
+        for i, h in enumerate(recursion):
+            if h.dtype != torch.float32 or not h.is_contiguous():
+                raise ValueError(f"recursion[{i}] must be a contiguous float32 tensor: it is updated in place")
+        _check_no_aliasing([*params, *recursion], list(extras), [*momenta])
+    return [e.contiguous() for e in extras], recursion
+
+
 def _check_no_aliasing(params, grads, momenta) -> None:
     """ValueError when a tensor written in place (a param or a momentum) shares memory
     with any other tensor of the call: a param listed twice would be stepped twice, a
@@ -163,6 +193,10 @@ def lmo_step_(
     weight_decay: float = 0.0,
     radius: float = 1.0,
     backend: str | None = "auto",
+    correction: str | None = None,
+    extras: list[torch.Tensor] | None = None,
+    recursion: list[torch.Tensor] | None = None,
+    q: float = 0.0,
     **options,
 ) -> None:
     """One fused LMO-momentum step for a list of same-norm parameters, in place.
@@ -192,6 +226,13 @@ def lmo_step_(
             momentum pass writing u, the direction (batched Newton–Schulz per shape),
             and one update pass.
 
+    The momentum estimators of ``optim/estimators.py`` run in the same pass (the
+    elementwise terms of ``reference.momentum_update_``): ``extras`` (read-only, one per
+    tensor, any float dtype: the gradient at the previous iterate, or a Hessian-vector
+    product) with ``correction`` "difference" (``m += beta (g - e)``, MVR) or "vector"
+    (``m += beta e``, HCM); ``recursion``: MVR-2's fp32 state ``h`` (contiguous, updated
+    in place: ``h <- g + (1 - q)(h - e)``, the EMA then runs on h), with ``q`` in [0, 1].
+
     Zero gradients and zero state give a zero LMO (x only decays), never NaN. A
     non-finite gradient poisons that tensor's momentum and makes the affected units
     of x NaN (see ``norms``): skip the step upstream if that must not happen.
@@ -207,11 +248,17 @@ def lmo_step_(
     if norm == "spectral":  # before the momentum pass: nothing is written on bad settings
         check_newton_schulz(opts["steps"], opts["coefficients"], opts["eps"])
     grads = _check_lists(spec, params, grads, momenta)
+    extras, recursion = _check_estimator(params, momenta, correction, extras, recursion, nesterov)
+    q = _check_real("q", q, 0.0, 1.0)
     live = [i for i, x in enumerate(params) if x.numel() > 0]
     if not live:
         return
     params, grads, momenta = ([seq[i] for i in live] for seq in (params, grads, momenta))
-    hyper = dict(lr=lr, beta=beta, nesterov=nesterov, weight_decay=weight_decay, radius=radius)
+    estimator = {}
+    if extras is not None:
+        estimator = dict(correction=correction, extras=[extras[i] for i in live], q=q,
+                         recursion=None if recursion is None else [recursion[i] for i in live])
+    hyper = dict(lr=lr, beta=beta, nesterov=nesterov, weight_decay=weight_decay, radius=radius, **estimator)
     with torch.no_grad():
         if resolve_backend(backend, *params, *grads, *momenta) == "torch":
             reference.lmo_step_(params, grads, momenta, norm=norm, **hyper, **opts)

@@ -245,6 +245,40 @@ def primal_norm(G: torch.Tensor, norm: str, *, scale: str = "none") -> torch.Ten
     return _PRIMAL[norm](_wide(G), _spectral_s(G, norm, scale))
 
 
+CORRECTIONS = (None, "difference", "vector")
+
+
+def momentum_update_(
+    m: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    beta: float,
+    nesterov: bool = False,
+    correction: str | None = None,
+    extra: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+    q: float = 0.0,
+) -> torch.Tensor:
+    """One momentum-estimator update in m's dtype, in place on ``m`` (and ``h``); returns u.
+
+    ``h`` (MVR-2's state) given: ``h <- g + (1 - q)(h - e)`` and the EMA runs on h, else on g;
+    then ``m <- beta m + (1 - beta) s``, plus ``beta (g - e)`` (correction "difference":
+    MVR) or ``beta e`` ("vector": HCM's Hessian-vector product); ``u = beta m + (1 - beta) g``
+    (nesterov) or ``m``. ``e = extra`` (m's shape). The twin of the kernels' momentum pass.
+    """
+    g = g.to(m.dtype)
+    source = g
+    if h is not None:
+        h.sub_(extra.to(m.dtype)).mul_(1.0 - q).add_(g)
+        source = h
+    m.lerp_(source, 1.0 - beta)  # exact at weight 1: beta = 0 gives m = source
+    if correction == "difference":
+        m.add_(g - extra.to(m.dtype), alpha=beta)
+    elif correction == "vector":
+        m.add_(extra.to(m.dtype), alpha=beta)
+    return torch.lerp(g, m, beta) if nesterov else m
+
+
 def lmo_step_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -256,22 +290,28 @@ def lmo_step_(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     radius: float = 1.0,
+    correction: str | None = None,
+    extras: list[torch.Tensor] | None = None,
+    recursion: list[torch.Tensor] | None = None,
+    q: float = 0.0,
     **options,
 ) -> None:
     """One LMO-momentum step per tensor, in place; see ``ops.lmo_step_``.
 
-    ``m <- beta m + (1 - beta) g`` (fp32), ``u = beta m + (1 - beta) g`` (Nesterov) or
-    ``u = m``, then ``x <- (1 - lr wd) x + lr lmo(u)``, rounded once into x's dtype.
+    ``m <- beta m + (1 - beta) g`` (fp32; with the estimator terms of
+    :func:`momentum_update_` when ``correction``/``recursion`` are given), ``u = beta m +
+    (1 - beta) g`` (Nesterov) or ``u = m``, then ``x <- (1 - lr wd) x + lr lmo(u)``,
+    rounded once into x's dtype.
 
     Spectral directions of same-shape tensors are computed by one ``lmo`` call on their
     stack (one batched Newton–Schulz per shape, as the kernels do): a stack of matrices
     is a batch of independent units, so the result is the per-tensor one.
     """
     us = []
-    for g, m in zip(grads, momenta):
-        g32 = g.to(m.dtype)
-        m.lerp_(g32, 1.0 - beta)  # beta m + (1 - beta) g in one pass over m (this is the CPU path)
-        us.append(g32.lerp(m, beta) if nesterov else m)
+    for i, (g, m) in enumerate(zip(grads, momenta)):
+        us.append(momentum_update_(m, g, beta=beta, nesterov=nesterov, correction=correction,
+                                   extra=None if extras is None else extras[i],
+                                   h=None if recursion is None else recursion[i], q=q))
     if norm == "spectral":
         by_shape: dict[torch.Size, list[int]] = {}
         for i, u in enumerate(us):

@@ -14,8 +14,9 @@ Two kernels serve every norm and both public entry points (``norms.lmo`` and
 
 Multi-tensor launch. Each tensor of a list is seen as a row-major (R, C) matrix
 (C = its last dim) and cut into (BR, BC) tiles; one grid runs over the tiles of every
-tensor. A per-tensor int64 table holds the raw addresses of x, g, m, u and the layout
-ints, and a per-tile table names (tensor, first row, first column, end row). Kernels
+tensor. A per-tensor int64 table holds the raw addresses of x, g, m, u, the layout
+ints and the momentum estimator's e (previous gradient or Hessian-vector product) and h
+(MVR-2's state), and a per-tile table names (tensor, first row, first column, end row). Kernels
 turn an address back into a typed pointer with ``.to(ptr_type, bitcast=True)``.
 Why addresses rather than concatenated flat buffers: parameters, gradients and state
 stay where the model and optimizer put them, so there is no gather/scatter copy
@@ -70,7 +71,7 @@ def _tile(tiles, itab, BR: tl.constexpr, BC: tl.constexpr, ALIGNED: tl.constexpr
     r0 = tl.load(tiles + pid * 4 + 1)
     c0 = tl.load(tiles + pid * 4 + 2)
     r_end = tl.load(tiles + pid * 4 + 3)
-    row = itab + t * 8  # 8 int64 fields: x, g, m, u, C, H, RG, stats base
+    row = itab + t * 10  # 10 int64 fields: x, g, m, u, C, H, RG, stats base, e, h
     C = tl.load(row + 4)
     if ALIGNED:
         # facts the compiler cannot see through the tables: with them a row's runs of 8
@@ -96,11 +97,29 @@ def _pointer(row, field: tl.constexpr, like, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV: tl.constexpr, STORE_M: tl.constexpr):
-    """fp32 ``m <- beta m + (1 - beta) g``; returns (g, u) with u the LMO input."""
+def _momentum(g_ptr, m_ptr, e_ptr, h_ptr, offs, mask, beta, q, NESTEROV: tl.constexpr, STORE_M: tl.constexpr,
+              CORRECTION: tl.constexpr, RECURSION: tl.constexpr):
+    """fp32 momentum-estimator update (``reference.momentum_update_``); returns u, the LMO input.
+
+    ``m <- beta m + (1 - beta) s`` with s = g, or (RECURSION, MVR-2) s = h after
+    ``h <- g + (1 - q)(h - e)``; then CORRECTION 1 adds ``beta (g - e)`` (MVR), 2 adds
+    ``beta e`` (HCM). e and h are read (and h written) only when those flags need them, so
+    the EMA path loads and stores what it did before."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    m = beta * m + (1.0 - beta) * g
+    if CORRECTION != 0 or RECURSION:
+        e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RECURSION:
+        h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+        h = g + (1.0 - q) * (h - e)
+        tl.store(h_ptr + offs, h, mask=mask)
+        m = beta * m + (1.0 - beta) * h
+    else:
+        m = beta * m + (1.0 - beta) * g
+    if CORRECTION == 1:
+        m = m + beta * (g - e)
+    if CORRECTION == 2:
+        m = m + beta * e
     if STORE_M:
         tl.store(m_ptr + offs, m, mask=mask)
     if NESTEROV:
@@ -112,16 +131,18 @@ def _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV: tl.constexpr, STORE_M: t
 
 @triton.jit
 def _stats_kernel(
-    tiles, itab, stats, beta, G0, M0, U0,
+    tiles, itab, stats, beta, q, G0, M0, U0, E0, H0,
     BR: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, REDUCE: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, CORRECTION: tl.constexpr, RECURSION: tl.constexpr,
 ):
     t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC, ALIGNED)
     g_ptr = _pointer(row, 1, G0, ALIGNED)
     if MOMENTUM:
         m_ptr = _pointer(row, 2, M0, ALIGNED)
-        u = _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV, True)
+        e_ptr = _pointer(row, 8, E0, ALIGNED)
+        h_ptr = _pointer(row, 9, H0, ALIGNED)
+        u = _momentum(g_ptr, m_ptr, e_ptr, h_ptr, offs, mask, beta, q, NESTEROV, True, CORRECTION, RECURSION)
     else:
         u = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if WRITE_U:
@@ -145,10 +166,11 @@ def _stats_kernel(
 
 @triton.jit
 def _update_kernel(
-    tiles, itab, ftab, stats, beta, coef, decay, X0, G0, M0, U0,
+    tiles, itab, ftab, stats, beta, q, coef, decay, X0, G0, M0, U0, E0, H0,
     BR: tl.constexpr, BC: tl.constexpr,
     SOURCE: tl.constexpr, NESTEROV: tl.constexpr, REDUCE: tl.constexpr,
     SIGN: tl.constexpr, HAS_X: tl.constexpr, ALIGNED: tl.constexpr,
+    CORRECTION: tl.constexpr, RECURSION: tl.constexpr,
 ):
     t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC, ALIGNED)
     if SOURCE == 0:
@@ -157,7 +179,9 @@ def _update_kernel(
     if SOURCE == 1:
         g_ptr = _pointer(row, 1, G0, ALIGNED)
         m_ptr = _pointer(row, 2, M0, ALIGNED)
-        u = _momentum(g_ptr, m_ptr, offs, mask, beta, NESTEROV, True)
+        e_ptr = _pointer(row, 8, E0, ALIGNED)
+        h_ptr = _pointer(row, 9, H0, ALIGNED)
+        u = _momentum(g_ptr, m_ptr, e_ptr, h_ptr, offs, mask, beta, q, NESTEROV, True, CORRECTION, RECURSION)
     if SOURCE == 2:
         m_ptr = _pointer(row, 2, M0, ALIGNED)
         u = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -259,15 +283,17 @@ class _AddressTables:
         self._tables: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()  # the async runtime may step policies from several threads
 
-    def get(self, plan: "_Plan", rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    def get(self, plan: "_Plan", rows: list[list[int]], tail: list[list[int]], device: torch.device) -> torch.Tensor:
+        """Fields 0-3 from ``rows``, 4-7 the plan's columns, 8-9 from ``tail`` (per tensor)."""
         # the plan itself (hashed by identity) is in the key: it stays alive with its tables
-        key = (plan, device, tuple(a for r in rows for a in r))
+        key = (plan, device, tuple(a for r in rows + tail for a in r))
         with self._lock:
             table = self._tables.get(key)
             if table is not None:
                 self._tables.move_to_end(key)
                 return table
-        host = torch.cat([torch.tensor(rows, dtype=torch.int64), plan.columns], dim=1)
+        host = torch.cat([torch.tensor(rows, dtype=torch.int64), plan.columns, torch.tensor(tail, dtype=torch.int64)],
+                         dim=1)
         if device.type == "cuda":
             host = host.pin_memory()  # an asynchronous upload needs page-locked memory
         table = host.to(device, non_blocking=True)
@@ -284,7 +310,7 @@ _address_tables = _AddressTables()
 class _Launch:
     """The tables of one multi-tensor launch over tensors sharing device and dtypes."""
 
-    def __init__(self, spec, scale, xs, gs, ms, us):
+    def __init__(self, spec, scale, xs, gs, ms, us, es=None, hs=None):
         device = xs[0].device
         if device.type != "cpu" and interpreting():
             # the interpreter would dereference device addresses on the host
@@ -293,34 +319,47 @@ class _Launch:
         tile = _TILE_INTERPRET if interpreting() else _TILE
         plan = _plan(spec, scale, tuple(x.shape for x in xs), device, tile, _MAX_BC)
         self.br, self.bc, self.tiles, self.ftab = plan.br, plan.bc, plan.tiles, plan.ftab
+        es = es if es is not None else [None] * len(xs)
+        hs = hs if hs is not None else [None] * len(xs)
         rows = [[_addr(x), _addr(g), _addr(m), _addr(u)] for x, g, m, u in zip(xs, gs, ms, us)]
+        tail = [[_addr(e), _addr(h)] for e, h in zip(es, hs)]  # fields 8, 9: the estimator's e and h
         # the kernels' ALIGNED variant: every row length % 8 == 0, every pointer 16-byte aligned
-        self.aligned = plan.aligned and all(a % 16 == 0 for r in rows for a in r)
-        self.itab = _address_tables.get(plan, rows, device)
+        self.aligned = plan.aligned and all(a % 16 == 0 for r in rows + tail for a in r)
+        self.itab = _address_tables.get(plan, rows, tail, device)
         self.stats = torch.zeros(max(plan.n_stats, 1), dtype=torch.float32, device=device)
         # typed placeholders: kernels take pointer types from these
         self.x0, self.g0 = xs[0], gs[0]
         self.m0 = ms[0] if ms[0] is not None else self.stats
         self.u0 = us[0] if us[0] is not None else self.stats
+        self.e0 = es[0] if es[0] is not None else self.stats
+        self.h0 = hs[0] if hs[0] is not None else self.stats
+        self.correction, self.recursion, self.q = 0, False, 0.0
+
+    def estimator(self, correction: str | None, recursion: bool, q: float) -> None:
+        """The momentum passes' estimator terms (``reference.momentum_update_``)."""
+        self.correction = {None: 0, "difference": 1, "vector": 2}[correction]
+        self.recursion, self.q = recursion, q
 
     def stats_pass(self, reduce: int, *, momentum: bool, nesterov: bool, beta: float, write_u: bool) -> None:
         if reduce == 0 and not (momentum or write_u):
             return
         launch(
             _stats_kernel, (self.tiles.shape[0],), self.device,
-            self.tiles, self.itab, self.stats, beta, self.g0, self.m0, self.u0,
+            self.tiles, self.itab, self.stats, beta, self.q, self.g0, self.m0, self.u0, self.e0, self.h0,
             BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
-            ALIGNED=self.aligned,
+            ALIGNED=self.aligned, CORRECTION=self.correction if momentum else 0,
+            RECURSION=self.recursion and momentum,
         )
 
     def update_pass(self, reduce: int, source: int, *, nesterov: bool, beta: float, coef: float,
                     decay: float, sign: bool, has_x: bool) -> None:
         launch(
             _update_kernel, (self.tiles.shape[0],), self.device,
-            self.tiles, self.itab, self.ftab, self.stats, beta, coef, decay,
-            self.x0, self.g0, self.m0, self.u0,
+            self.tiles, self.itab, self.ftab, self.stats, beta, self.q, coef, decay,
+            self.x0, self.g0, self.m0, self.u0, self.e0, self.h0,
             BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
-            ALIGNED=self.aligned,
+            ALIGNED=self.aligned, CORRECTION=self.correction if source == SRC_MOMENTUM else 0,
+            RECURSION=self.recursion and source == SRC_MOMENTUM,
         )
 
 
@@ -362,6 +401,10 @@ def lmo_step_(
     scale: str = "none",
     direction: Callable[[torch.Tensor], None] | None = None,
     direction_dtype: torch.dtype = torch.float32,
+    correction: str | None = None,
+    extras: Sequence[torch.Tensor] | None = None,
+    recursion: Sequence[torch.Tensor] | None = None,
+    q: float = 0.0,
 ) -> None:
     """Fused step over lists of validated, contiguous, non-empty, same-device tensors.
 
@@ -369,10 +412,12 @@ def lmo_step_(
     direction (spectral, l1): pass 1 writes m and u (in ``direction_dtype``) into one
     stacked (k, ...) buffer per shape; ``direction(buffer)`` overwrites it in place with
     the unit-ball maximizer D (so lmo(u) = -radius * factor * D); pass 2 applies it.
+    ``correction``/``extras``/``recursion``/``q``: the estimator terms of the momentum
+    pass (``ops.lmo_step_``), checked there.
     """
     keys: dict[tuple, list[int]] = {}
     for i, (x, g) in enumerate(zip(params, grads)):
-        keys.setdefault((x.dtype, g.dtype), []).append(i)
+        keys.setdefault((x.dtype, g.dtype, None if extras is None else extras[i].dtype), []).append(i)
     reduce = _REDUCE[spec.mode]
     decay = 1.0 - lr * weight_decay
     for idx in keys.values():
@@ -390,7 +435,10 @@ def lmo_step_(
                 buffers.append(buf)
                 for slot, j in enumerate(js):
                     us[j] = buf[slot]
-        job = _Launch(spec, scale, xs, gs, ms, us)
+        es = None if extras is None else [extras[i] for i in idx]
+        hs = None if recursion is None else [recursion[i] for i in idx]
+        job = _Launch(spec, scale, xs, gs, ms, us, es, hs)
+        job.estimator(correction, hs is not None, q)
         if spec.mode == "sign":
             source = SRC_MOMENTUM
         else:

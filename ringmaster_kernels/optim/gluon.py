@@ -30,10 +30,14 @@ import torch
 
 from .. import norms, ops
 from ..backend import check_backend
+from . import estimators, step_rules
 from .checks import check_lr, check_number
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 MOMENTUM = "momentum_buffer"  # fp32 for every parameter dtype, as ops.lmo_step_ requires
+PREVIOUS = "previous_param"  # x_{k-1}, kept only while a group's estimator needs it
+MVR_STATE = "mvr_h"  # MVR-2's h (fp32)
+RULE_STEP = "lmo_step"  # updates so far, kept only for step rules that read k
 # The skipped-step counter is a group key, so that every tool that carries param_groups
 # (torch.distributed.checkpoint's get/set_optimizer_state_dict among them) carries it.
 SKIPPED = "skipped_steps"
@@ -41,7 +45,7 @@ SKIPPED = "skipped_steps"
 # hook dicts and an LR scheduler's step wrapper (a closure over the original optimizer).
 _TORCH_INSTANCE_ATTRS = ("step", "_opt_called", "_zero_grad_profile_name")
 # Per-parameter state that must be a tensor of the parameter's shape (Gluon's and AdamW's).
-_BUFFERS = (MOMENTUM, "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_BUFFERS = (MOMENTUM, "exp_avg", "exp_avg_sq", "max_exp_avg_sq", PREVIOUS, MVR_STATE)
 
 # Group keys that feed a norm option when the catalogue entry declares it.
 _NS_KEYS = {"ns_steps": "steps", "ns_coefficients": "coefficients", "ns_dtype": "compute_dtype"}
@@ -254,6 +258,17 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         norm_options: other options of the norm, e.g. ``{"scale": "muon"}`` for
             spectral (see ``norms``).
         L0, L1: give both (>= 0, not both 0) to use ``t = ||g||_* / (L0 + L1 ||g||_*)``.
+        momentum_estimator: a name of :mod:`.estimators` ("ema", "nesterov", "mvr1",
+            "mvr2", "mvr3", "hcm1", "hcm2"); None: "nesterov" or "ema" from ``nesterov``
+            (which a given name replaces). MVR and HCM need ``step(closure)`` with a closure
+            returning this step's loss with its graph (contract: ``estimators.closure_extras``);
+            the optimizer then keeps x_{k-1} per parameter.
+        mvr_q: MVR-2/3's ``q`` in [0, 1] (0.1: ours; the source gives no default).
+        step_rule: a name of :mod:`.step_rules` ("constant", "l0l1", "theorem2",
+            "distance_adaptive", "scale_calibrated"); None: "l0l1" when ``L0``/``L1`` are
+            given, else "constant". The rule's factor ``t`` multiplies ``lr``.
+        step_options: the rule's options (``L`` for scale_calibrated, ``r_eps`` for
+            distance_adaptive); l0l1 reads ``L0``/``L1``.
         nonfinite: "skip" (default: skip the whole step, count it in
             ``skipped_steps``), "raise" (``FloatingPointError``) or "ignore" (no check).
         backend: "auto" | "triton" | "torch", passed to ``ops.lmo_step_``.
@@ -284,6 +299,10 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         backend: str | None = "auto",
         ns_dtype: torch.dtype | None = None,
         maximize: bool = False,
+        momentum_estimator: str | None = None,
+        mvr_q: float = 0.1,
+        step_rule: str | None = None,
+        step_options: dict[str, float] | None = None,
     ) -> None:
         self._init_guard(nonfinite)
         check_backend(backend)
@@ -292,6 +311,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
             lr=lr, momentum=momentum, nesterov=nesterov, norm=norm, radius=radius,
             weight_decay=weight_decay, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
             ns_dtype=ns_dtype, L0=L0, L1=L1, norm_options=norm_options, maximize=maximize,
+            momentum_estimator=momentum_estimator, mvr_q=mvr_q, step_rule=step_rule, step_options=step_options,
         )
         super().__init__(params, defaults)
 
@@ -315,19 +335,47 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step over every parameter that has a gradient; returns ``closure()``'s loss."""
-        loss = _closure_loss(closure)
+        """One step over every parameter that has a gradient; returns ``closure()``'s loss.
+
+        With an MVR or HCM group, ``closure`` is required and its contract differs from
+        torch's: it returns the loss with its graph and does not call backward (see
+        ``estimators.closure_extras``); the gradients are computed here and left in ``.grad``.
+        """
+        needs: set[str] = set()
+        for group in self.param_groups:
+            needs |= estimators.needs_of(_estimator(group))
+        extras: dict[str, list[torch.Tensor]] = {}
+        index: dict[torch.Tensor, int] = {}
+        if needs:
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            previous = [self.state[p].get(PREVIOUS) for p in params]
+            loss, grads, extras = estimators.closure_extras(
+                closure, params, None if any(x is None for x in previous) else previous, needs,
+                owner=f"{type(self).__name__}.step")
+            for p, g in zip(params, grads):
+                p.grad = g
+            index = {p: i for i, p in enumerate(params)}
+        else:
+            loss = _closure_loss(closure)
         if self._grads_ok(_collect_grads(self.param_groups, type(self).__name__)):
+            if needs:  # x_k, before this step moves it, is the next step's previous iterate
+                for p, i in index.items():
+                    self.state[p][PREVIOUS] = p.detach().clone()
             for gi, group in enumerate(self.param_groups):
-                self._group_step(group, gi)
+                self._group_step(group, gi, extras, index)
         return loss
 
-    def _group_step(self, group: dict[str, Any], gi: int) -> None:
-        _check_hyper(group, f"param_groups[{gi}]")
+    def _group_step(self, group: dict[str, Any], gi: int, extras: dict[str, list[torch.Tensor]],
+                    index: dict[torch.Tensor, int]) -> None:
+        where = f"param_groups[{gi}]"
+        _check_hyper(group, where)
+        estimator = _estimator(group)
+        rule, rule_options = _step_rule(group, where)
         options = norm_options(group)
-        common = dict(norm=group["norm"], beta=group["momentum"], nesterov=group["nesterov"],
-                      weight_decay=group["weight_decay"], radius=group["radius"], backend=self.backend, **options)
-        lr = float(group["lr"])
+        common = dict(norm=group["norm"], weight_decay=group["weight_decay"], radius=group["radius"],
+                      backend=self.backend, **options)
+        lr, beta = float(group["lr"]), group["momentum"]
+        maximize = group.get("maximize", False)  # a group loaded from before maximize existed lacks it
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is not None:
@@ -338,17 +386,47 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
             work = [p if p.is_contiguous() else p.contiguous() for p in params]
             xs = [w.view(matrix_shape(w.shape)) for w in work]
             gs = [p.grad.reshape(x.shape) for p, x in zip(params, xs)]
-            if group.get("maximize", False):  # a group loaded from before maximize existed lacks it
+            if maximize:
                 gs = torch._foreach_neg(gs)
             ms = [self._momentum(p).view(x.shape) for p, x in zip(params, xs)]
-            if group["L0"] is None:
-                ops.lmo_step_(xs, gs, ms, lr=lr, **common)
-            else:
-                for x, g, m, t in zip(xs, gs, ms, _gluon_step_sizes(gs, group, options)):
-                    ops.lmo_step_([x], [g], [m], lr=lr * t, **common)
+            es: list[torch.Tensor | None] = [None] * len(xs)
+            if not estimator.fusable:  # maximizing -f: its previous gradient and Hessian are negated too
+                es = [estimators.extra_for(estimator, extras, index[p]).reshape(x.shape) * (-1.0 if maximize else 1.0)
+                      for p, x in zip(params, xs)]
+            hs = [self._mvr_h(p, e) for p, e in zip(params, es)] if estimator.recursion else None
+            fused = estimators.fused_args(estimator, es, hs, group.get("mvr_q", 0.1))
+            if rule.name == "constant":  # one multi-tensor pass: momentum (any estimator), LMO, update
+                ops.lmo_step_(xs, gs, ms, lr=lr, beta=beta, nesterov=estimator.nesterov, **common, **fused)
+                for p, w in zip(params, work):
+                    if w is not p:
+                        p.copy_(w)
+                continue
+            for j, (p, x, g, m) in enumerate(zip(params, xs, gs, ms)):
+                state = self.state[p]
+                k = int(state.get(RULE_STEP, 0))
+                beta_k = step_rules.momentum(rule, k, beta)
+                factor = dict(rule=rule, options=rule_options, k=k, x=x, g=g, norm=group["norm"],
+                              norm_options=options, state=state)
+                if not rule.needs_direction:  # the estimator stays in the fused pass; lr changes per tensor
+                    ops.lmo_step_([x], [g], [m], lr=lr * step_rules.factor(**factor), beta=beta_k,
+                                  nesterov=estimator.nesterov, **common, **estimators.one_of(fused, j))
+                else:
+                    u, _ = estimators.update_(estimator, m, g, beta=beta_k, q=group.get("mvr_q", 0.1), extra=es[j],
+                                              h=None if hs is None else hs[j])
+                    step_rules.direction_step_(x, u, lr, factor, common)
+                if rule.stateful:
+                    state[RULE_STEP] = k + 1
             for p, w in zip(params, work):
                 if w is not p:
                     p.copy_(w)
+
+    def _mvr_h(self, p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """MVR-2's fp32 ``h`` (matrix view); a new one starts at ``e``, so its first
+        recursion gives ``h = g`` (``estimators.update_``)."""
+        state = self.state[p]
+        if MVR_STATE not in state:
+            state[MVR_STATE] = e.to(torch.float32, copy=True).reshape(p.shape)
+        return state[MVR_STATE].view(e.shape)
 
     def _momentum(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -357,12 +435,19 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         return state[MOMENTUM]
 
 
-def _gluon_step_sizes(grads: list[torch.Tensor], group: dict[str, Any], options: dict[str, Any]) -> list[float]:
-    """Gluon's ``t_i = ||g_i||_* / (L0 + L1 ||g_i||_*)`` per tensor, with one host sync."""
-    dual = torch.cat([norms.dual_norm(g, group["norm"], **options).reshape(1).float() for g in grads])
-    denominator = group["L0"] + group["L1"] * dual
-    # L0 = 0 and a zero gradient: 0 / 0; no gradient, no step
-    return torch.where(denominator > 0, dual / denominator, torch.zeros_like(dual)).tolist()
+def _estimator(group: dict[str, Any]) -> estimators.Estimator:
+    """A group's momentum estimator (groups saved before the key existed: from ``nesterov``)."""
+    return estimators.resolve(group.get("momentum_estimator"), group["nesterov"])
+
+
+def _step_rule(group: dict[str, Any], where: str) -> tuple[step_rules.StepRule, dict[str, float]]:
+    """A group's step rule and its checked options (l0l1's ``L0``/``L1`` are group keys)."""
+    name = group.get("step_rule") or ("l0l1" if group["L0"] is not None else "constant")
+    rule = step_rules.get(name, f"{where}: step_rule")
+    options = dict(group.get("step_options") or {})
+    if rule.name == "l0l1":
+        options.update(L0=group["L0"], L1=group["L1"])
+    return rule, step_rules.check_options(rule, options, f"{where}: step_options")
 
 
 def _check_hyper(group: dict[str, Any], where: str) -> None:
@@ -382,6 +467,9 @@ def _check_hyper(group: dict[str, Any], where: str) -> None:
         check_number(where, "L1", L1)
         if L0 == 0 and L1 == 0:
             raise ValueError(f"{where}: L0 and L1 cannot both be 0")
+    _estimator(group)  # a known name (ValueError listing them otherwise)
+    estimators.check_q(group.get("mvr_q", 0.1), f"{where}: mvr_q")
+    _step_rule(group, where)
 
 
 def _check_group(group: dict[str, Any], gi: int) -> None:

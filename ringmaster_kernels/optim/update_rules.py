@@ -27,9 +27,11 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkabl
 import torch
 
 from .. import norms, ops
+from . import estimators, step_rules
 from .checks import check_lr, check_number
 
-_GROUP_KEYS = ("params", "norm", "radius", "lr", "lmo_options")
+_GROUP_KEYS = ("params", "norm", "radius", "lr", "lmo_options", "momentum_estimator", "mvr_q", "step_rule",
+               "step_options")
 Schedule = Callable[[int, torch.optim.Optimizer], None]
 
 
@@ -75,11 +77,21 @@ def _check_lmo_options(group: dict, where: str) -> None:
 
 
 class LMOMomentum:
-    """The built-in rule: ``m <- beta m + (1 - beta) g``, ``x <- x + lr * lmo(u)`` per group.
+    """The built-in rule: ``m <- beta m + (1 - beta) g``, ``x <- x + lr * t * lmo(u)`` per group.
+
+    A group may name its momentum estimator and step-size rule (keys
+    ``momentum_estimator``, ``mvr_q``, ``step_rule``, ``step_options``, as in
+    :class:`~ringmaster_kernels.optim.gluon.Gluon`; ``t = 1`` for "constant"), so an async
+    policy steps as Gluon does. ``k`` of the step rules is the update's ``version``.
+    MVR and HCM groups need an extra input per parameter: a gradient is then the list of
+    ``2 n`` tensors ``[g_1..g_n, e_1..e_n]`` (``e`` = the gradient at the job's version
+    minus one on the same minibatch, or the Hessian-vector product; see :attr:`job`), and
+    the rule keeps one copy of the parameters before each update (:attr:`previous`), which
+    a driver hands to jobs as their previous iterate. One rule serves one kind of extra.
 
     Args:
         params: tensors, or groups (dicts with ``params`` and any of ``norm``, ``radius``,
-            ``lr``, ``lmo_options``); updated in place.
+            ``lr``, ``lmo_options`` and the keys above); updated in place.
         lr: default step size for groups that do not set ``lr``.
         norm: default norm name from :mod:`ringmaster_kernels.norms`, or ``None`` for the
             raw step ``x <- x - lr * u`` (Euclidean SGD).
@@ -103,6 +115,10 @@ class LMOMomentum:
         nesterov: bool = True,
         backend: str | None = "auto",
         fused: bool = False,
+        momentum_estimator: str | None = None,
+        mvr_q: float = 0.1,
+        step_rule: str = "constant",
+        step_options: dict[str, float] | None = None,
     ) -> None:
         self.lr = check_lr("LMOMomentum", lr)
         self.momentum = check_number("LMOMomentum", "momentum", momentum, high=1.0)
@@ -111,11 +127,22 @@ class LMOMomentum:
         self.fused = bool(fused)
         if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
             raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
-        self.param_groups = self._build_groups(params, norm, float(radius))
+        defaults = dict(momentum_estimator=momentum_estimator, mvr_q=mvr_q, step_rule=step_rule,
+                        step_options=step_options)
+        self.param_groups = self._build_groups(params, norm, float(radius), defaults)
         self.params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._momentum_buffers: list[torch.Tensor | None] = [None] * len(self.params)
+        jobs = {estimators.job_of(g["estimator"]) for g in self.param_groups} - {None}
+        if len(jobs) > 1:
+            raise ValueError(f"the groups of one rule must need one kind of extra input, got {sorted(jobs)}")
+        self.job: str | None = jobs.pop() if jobs else None
+        # per parameter: MVR-2's h and the step rule's state (distance_adaptive's x_0)
+        self._mvr_h: list[torch.Tensor | None] = [None] * len(self.params)
+        self._rule_state: list[dict[str, Any]] = [{} for _ in self.params]
+        self.previous: list[torch.Tensor] | None = (
+            [p.detach().clone() for p in self.params] if self.job is not None else None)
 
-    def _build_groups(self, params, norm, radius) -> list[dict]:
+    def _build_groups(self, params, norm, radius, defaults) -> list[dict]:
         items = list(params)
         if not items:
             raise ValueError("params must not be empty")
@@ -150,6 +177,16 @@ class LMOMomentum:
             if group["norm"] is not None and group["norm"] not in norms.NORMS:
                 raise ValueError(f"param_groups[{i}]['norm'] must be one of {tuple(norms.NORMS)} or None, got {group['norm']!r}")
             _check_lmo_options(group, f"param_groups[{i}]['lmo_options']")
+            where = f"param_groups[{i}]"
+            name = raw.get("momentum_estimator", defaults["momentum_estimator"])
+            group["estimator"] = estimators.resolve(name, self.nesterov)
+            group["mvr_q"] = estimators.check_q(raw.get("mvr_q", defaults["mvr_q"]), f"{where}['mvr_q']")
+            group["rule"] = step_rules.get(raw.get("step_rule", defaults["step_rule"]), f"{where}['step_rule']")
+            group["step_options"] = step_rules.check_options(
+                group["rule"], raw.get("step_options", defaults["step_options"]), f"{where}['step_options']")
+            if group["norm"] is None and (group["rule"].name != "constant" or not group["estimator"].fusable):
+                raise ValueError(f"{where}: norm None (the raw step) takes only step_rule 'constant' and "
+                                 "momentum_estimator 'ema' or 'nesterov'")
             groups.append(group)
         return groups
 
@@ -162,48 +199,99 @@ class LMOMomentum:
 
     def apply(self, grads: Sequence[torch.Tensor], version: int, lr_factor: float = 1.0,
               momentum: float | None = None) -> None:
-        """One update ``x <- x + lr * lr_factor * lmo(u)`` (``x - ... * u`` when norm is None).
+        """One update ``x <- x + lr * lr_factor * t * lmo(u)`` (``x - ... * u`` when norm is None).
 
-        ``momentum`` (this update's ``beta``) replaces the rule's own; with neither set
-        (``momentum=0`` and ``None``) no buffer is kept and ``u = g``."""
+        ``momentum`` (this update's ``beta``) replaces the rule's own (theorem2 replaces
+        both); with neither set (``momentum=0`` and ``None``) no buffer is kept and ``u = g``.
+        ``grads`` holds ``2 n`` tensors when :attr:`job` is set (see the class doc)."""
+        grads, extras = estimators.split_payload(grads, len(self.params), self.job)
         check_grads(grads, self.params)
+        if extras is not None:
+            check_grads(extras, self.params)
+            self.previous = [p.detach().clone() for p in self.params]  # x^k, before this update moves it
         has_momentum = momentum is not None or self.momentum > 0.0
         beta = (self.momentum if momentum is None else momentum) if has_momentum else 0.0
         i = 0
         for group in self.param_groups:
             lr = group["lr"] * lr_factor
             count = len(group["params"])
-            if self.fused and group["norm"] is not None:
-                momenta = [self._buffer(j, torch.float32) for j in range(i, i + count)]
+            est, rule = group["estimator"], group["rule"]
+            if self.fused and group["norm"] is not None and rule.name == "constant":
+                span = range(i, i + count)
+                momenta = [self._buffer(j, torch.float32) for j in span]
                 ops.lmo_step_(group["params"], list(grads[i:i + count]), momenta, norm=group["norm"], lr=lr,
-                              beta=beta, nesterov=self.nesterov, radius=group["radius"], backend=self.backend,
-                              **group["lmo_options"])
+                              beta=beta, nesterov=est.nesterov, radius=group["radius"], backend=self.backend,
+                              **group["lmo_options"], **self._fused_args(group, span, extras))
                 i += count
                 continue
             for p in group["params"]:
-                g = grads[i]
-                u = g
-                if has_momentum:
-                    m = self._buffer(i, p.dtype)
-                    # torch.lerp is exact at weight 1, so beta_k = 0 (alpha_0 = 1) gives m = u = g
-                    m.lerp_(g, 1.0 - beta)
-                    u = torch.lerp(g, m, beta) if self.nesterov else m
-                if group["norm"] is None:
-                    p.add_(u, alpha=-lr)
-                else:
-                    direction = norms.lmo(u, group["norm"], group["radius"], backend=self.backend, **group["lmo_options"])
-                    p.add_(direction, alpha=lr)
+                self._apply_one(group, i, p, grads[i], None if extras is None else extras[i], version, lr,
+                                step_rules.momentum(rule, version, beta), has_momentum or rule.name == "theorem2")
                 i += 1
+
+    def _fused_args(self, group: dict, span: Sequence[int], extras) -> dict:
+        """``ops.lmo_step_``'s estimator keywords for parameters ``span`` (fp32 h, started at e)."""
+        est = group["estimator"]
+        if est.fusable:
+            return {}
+        es = [extras[j] for j in span]
+        if est.recursion:
+            for j, e in zip(span, es):
+                if self._mvr_h[j] is None:
+                    self._mvr_h[j] = e.to(torch.float32, copy=True)
+        hs = [self._mvr_h[j] for j in span] if est.recursion else None
+        return estimators.fused_args(est, es, hs, group["mvr_q"])
+
+    def _apply_one(self, group: dict, i: int, p: torch.Tensor, g: torch.Tensor, extra: torch.Tensor | None,
+                   version: int, lr: float, beta: float, has_momentum: bool) -> None:
+        """One parameter's update: estimator, step factor, LMO step (in p's dtype, or the
+        fused fp32 path of Gluon when ``fused``)."""
+        est, rule = group["estimator"], group["rule"]
+        factor = dict(rule=rule, options=group["step_options"], k=version, x=p, g=g, norm=group["norm"],
+                      norm_options=group["lmo_options"], state=self._rule_state[i])
+        if self.fused:
+            m = self._buffer(i, torch.float32)
+            common = dict(norm=group["norm"], weight_decay=0.0, radius=group["radius"], backend=self.backend,
+                          **group["lmo_options"])
+            fused = self._fused_args(group, [i], None if extra is None else {i: extra})
+            if not rule.needs_direction:
+                ops.lmo_step_([p], [g], [m], lr=lr * step_rules.factor(**factor), beta=beta, nesterov=est.nesterov,
+                              **common, **fused)
+                return
+            u, _ = estimators.update_(est, m, g, beta=beta, q=group["mvr_q"], extra=extra,
+                                      h=fused["recursion"][0] if fused.get("recursion") else None)
+            step_rules.direction_step_(p, u, lr, factor, common)
+            return
+        u = g
+        if has_momentum or not est.fusable:
+            m = self._buffer(i, p.dtype)
+            # torch.lerp is exact at weight 1, so beta_k = 0 (alpha_0 = 1) gives m = u = g
+            u, self._mvr_h[i] = estimators.update_(est, m, g, beta=beta, q=group["mvr_q"], extra=extra, h=self._mvr_h[i])
+        if group["norm"] is None:
+            p.add_(u, alpha=-lr)
+            return
+        direction = norms.lmo(u, group["norm"], group["radius"], backend=self.backend, **group["lmo_options"])
+        t = step_rules.factor(**factor, direction=direction) if rule.needs_direction else step_rules.factor(**factor)
+        p.add_(direction, alpha=lr * t)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "fused": self.fused}
 
     def state_dict(self) -> dict[str, Any]:
-        """Momentum buffers and per-group settings (not the parameters, as in torch.optim)."""
-        return {
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+        """Momentum buffers and per-group settings (not the parameters, as in torch.optim);
+        the estimators' and step rules' state only where a group keeps some."""
+        state = {
+            "groups": [{k: v for k, v in g.items() if k not in _DERIVED} for g in self.param_groups],
             "momentum_buffers": [None if m is None else m.clone() for m in self._momentum_buffers],
         }
+        if self.previous is not None or any(h is not None for h in self._mvr_h) or any(self._rule_state):
+            state["estimator_state"] = {
+                "previous": None if self.previous is None else [x.clone() for x in self.previous],
+                "mvr_h": [None if h is None else h.clone() for h in self._mvr_h],
+                "rule_state": [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                               for s in self._rule_state],
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore buffers and group settings; everything is validated (as at construction)
@@ -224,6 +312,16 @@ class LMOMomentum:
             norm=None, radius=1.0)  # the defaults are unused: a saved group holds every key
         self._momentum_buffers = [None if m is None else m.clone().to(p.device) for m, p in zip(buffers, self.params)]
         self.param_groups = groups
+        extra = state.get("estimator_state")  # absent in states saved before estimators existed
+        if extra is not None:
+            if extra["previous"] is not None:
+                self.previous = [x.clone().to(p.device) for x, p in zip(extra["previous"], self.params)]
+            self._mvr_h = [None if h is None else h.clone().to(p.device) for h, p in zip(extra["mvr_h"], self.params)]
+            self._rule_state = [dict(s) for s in extra["rule_state"]]
+
+
+# group entries rebuilt from the saved names at construction, not saved themselves
+_DERIVED = ("params", "estimator", "rule")
 
 
 class OptimizerRule:

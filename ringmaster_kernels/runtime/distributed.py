@@ -134,6 +134,8 @@ class RemoteWorker:
             cancels.put(None)
 
     def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
+        if job.previous is not None:  # the wire protocol carries one parameter vector and one gradient
+            raise ValueError("MVR jobs (the gradient at the previous version too) run on local workers only")
         if job.ready is not None:
             torch.cuda.current_stream().wait_event(job.ready)
         header = torch.tensor([JOB, job.version, job.index, self.session], dtype=torch.float64, device=self.device)

@@ -8,10 +8,30 @@ passes, so runs are reproducible from one seed.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+
+def twice_differentiable():
+    """A context where attention runs as plain differentiable ops (SDPA's math backend):
+    the fused CPU/GPU attention kernels have no double backward, which an HVP needs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def hessian_vector_product(loss: torch.Tensor, leaves: Sequence[torch.Tensor], d: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``H d`` of the scalar ``loss`` w.r.t. ``leaves`` (tensors that require grad) by double
+    backward: one gradient with its graph, then its product with ``d``. Leaves the loss
+    does not use get zeros."""
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        hv = (torch.autograd.grad([grads[i] for i in live], leaves, [d[i] for i in live], allow_unused=True)
+              if live else [None] * len(leaves))
+    return [torch.zeros_like(p) if v is None else v.detach() for p, v in zip(leaves, hv)]
 
 
 class Objective:
@@ -31,6 +51,46 @@ class Objective:
     def metric(self, params: Sequence[torch.Tensor]) -> float:
         """The logged quantity at ``params`` (``||grad f||^2`` or a loss)."""
         raise NotImplementedError
+
+    # What MVR and HCM jobs need (optim/estimators.py): two evaluations on ONE minibatch.
+    # An objective that supports them splits ``gradient`` into these three.
+    def sample(self, rng: np.random.Generator, worker: int = 0) -> Any:
+        """Draw the minibatch (or noise) of one gradient, consuming ``rng`` as ``gradient`` does."""
+        raise NotImplementedError(f"{type(self).__name__} has no sample(): it cannot serve MVR/HCM jobs")
+
+    def gradient_at(self, params: Sequence[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+        """The gradient at ``params`` on ``batch`` (from :meth:`sample`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no gradient_at(): it cannot serve MVR/HCM jobs")
+
+    def hessian_vector(self, params: Sequence[torch.Tensor], d: Sequence[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+        """``H(params; batch) d``, one tensor per parameter."""
+        raise NotImplementedError(f"{type(self).__name__} has no hessian_vector(): it cannot serve HCM jobs")
+
+    def job_gradient(self, params: Sequence[torch.Tensor], previous: Sequence[torch.Tensor], job: str,
+                     rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
+        """One MVR/HCM job's result, ``[g_1..g_n, e_1..e_n]`` on one minibatch ``xi``.
+
+        ``job`` (an update rule's ``job``): ``"previous_gradient"``: ``e = g(previous; xi)``;
+        ``"hvp:current"``: ``e = H(params; xi) d``; ``"hvp:random"``: ``e = H(xhat; xi) d``
+        with ``xhat = previous + s d``, ``s ~ U(0, 1)`` drawn from ``rng`` after the batch;
+        ``d = params - previous``. ``previous`` is the version before the job's.
+        """
+        batch = self.sample(rng, worker)
+        return self.gradient_at(params, batch) + self._extra(params, previous, job, batch, rng)
+
+    def _extra(self, params: Sequence[torch.Tensor], previous: Sequence[torch.Tensor], job: str, batch: Any,
+               rng: np.random.Generator) -> list[torch.Tensor]:
+        """The ``e`` half of :meth:`job_gradient` on an already drawn ``batch``."""
+        if job == "previous_gradient":
+            return self.gradient_at(previous, batch)
+        if job not in ("hvp:current", "hvp:random"):
+            raise ValueError(f"job must be 'previous_gradient', 'hvp:current' or 'hvp:random', got {job!r}")
+        d = [a - b for a, b in zip(params, previous)]
+        point = params
+        if job == "hvp:random":
+            s = float(rng.random())
+            point = [b + s * di for b, di in zip(previous, d)]
+        return self.hessian_vector(point, d, batch)
 
 
 class TridiagonalQuadratic(Objective):
@@ -58,20 +118,41 @@ class TridiagonalQuadratic(Objective):
         x0[0] = math.sqrt(self.dim)
         return [x0.reshape(self.shape)]
 
-    def full_gradient(self, x: np.ndarray) -> np.ndarray:
-        """``A x - b`` for a float64 vector ``x`` (d,)."""
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        """``A x`` for a float64 vector ``x`` (d,): three slices."""
         g = 2.0 * x
         g[1:] -= x[:-1]
         g[:-1] -= x[1:]
         g *= self.scale
+        return g
+
+    def full_gradient(self, x: np.ndarray) -> np.ndarray:
+        """``A x - b`` for a float64 vector ``x`` (d,)."""
+        g = self._matvec(x)
         g[0] += self.scale
         return g
 
     def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
+        return self.gradient_at(params, self.sample(rng, worker))
+
+    def sample(self, rng: np.random.Generator, worker: int = 0) -> float | None:
+        """The call's noise scalar ``z`` (None without noise: nothing is drawn)."""
+        return float(rng.standard_normal()) if self.noise else None
+
+    def gradient_at(self, params: Sequence[torch.Tensor], batch: float | None) -> list[torch.Tensor]:
         g = self.full_gradient(params[0].numpy().reshape(-1))
-        if self.noise:
-            g += self.noise * rng.standard_normal()
+        if batch is not None:
+            g += self.noise * batch
         return [torch.from_numpy(g.reshape(self.shape))]
+
+    def hessian_vector(self, params: Sequence[torch.Tensor], d: Sequence[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+        """``A d``, exactly (the Hessian is A everywhere; the noise does not depend on x)."""
+        return [torch.from_numpy(self._matvec(d[0].numpy().reshape(-1)).reshape(self.shape))]
+
+    def hessian(self) -> torch.Tensor:
+        """A, dense float64 (d, d): for tests at small d."""
+        eye = np.eye(self.dim)
+        return torch.from_numpy(np.stack([self._matvec(e) for e in eye], axis=1))
 
     def metric(self, params: Sequence[torch.Tensor]) -> float:
         g = self.full_gradient(params[0].numpy().reshape(-1))
@@ -106,9 +187,20 @@ class LeastSquares(Objective):
         return [torch.zeros(self.M.shape[1], dtype=torch.float64)]
 
     def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
-        rows = torch.from_numpy(rng.choice(self.M.shape[0], self.batch, replace=False))
-        Mb = self.M[rows]
-        return [Mb.T @ (Mb @ params[0] - self.y[rows]) / self.batch]
+        return self.gradient_at(params, self.sample(rng, worker))
+
+    def sample(self, rng: np.random.Generator, worker: int = 0) -> torch.Tensor:
+        """The minibatch's row indices."""
+        return torch.from_numpy(rng.choice(self.M.shape[0], self.batch, replace=False))
+
+    def gradient_at(self, params: Sequence[torch.Tensor], batch: torch.Tensor) -> list[torch.Tensor]:
+        Mb = self.M[batch]
+        return [Mb.T @ (Mb @ params[0] - self.y[batch]) / self.batch]
+
+    def hessian_vector(self, params: Sequence[torch.Tensor], d: Sequence[torch.Tensor], batch: torch.Tensor) -> list[torch.Tensor]:
+        """``Mb^T Mb d / batch`` on the minibatch's rows (exact)."""
+        Mb = self.M[batch]
+        return [Mb.T @ (Mb @ d[0]) / self.batch]
 
     def metric(self, params: Sequence[torch.Tensor]) -> float:
         g = self.M.T @ (self.M @ params[0] - self.y) / self.M.shape[0]
@@ -147,9 +239,21 @@ class ModuleObjective(Objective):
         return self.loss_fn(out, targets)
 
     def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
+        return self.gradient_at(params, self.sample(rng, worker))
+
+    def sample(self, rng: np.random.Generator, worker: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of the data iterator."""
+        return next(self.batches)
+
+    def gradient_at(self, params: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         leaves = [p.detach().requires_grad_(True) for p in params]
-        loss = self._loss(leaves, next(self.batches))
-        return list(torch.autograd.grad(loss, leaves))
+        return list(torch.autograd.grad(self._loss(leaves, batch), leaves))
+
+    def hessian_vector(self, params: Sequence[torch.Tensor], d: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
+        """``H d`` by double backward on the batch."""
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad(), twice_differentiable():
+            return hessian_vector_product(self._loss(leaves, batch), leaves, d)
 
     def metric(self, params: Sequence[torch.Tensor]) -> float:
         with torch.no_grad():

@@ -108,8 +108,17 @@ class Server:
         capacity = 1 << max(1, (num_slots - 1).bit_length())
         self.queue = GradientQueue(capacity, num_slots, self.n)
         self.queue.set_version(policy.version)
-        self.slots = torch.empty(num_slots, layout.numel, device=self.device)
-        self._slot_views = [[views[j] for j in rule_order] for views in (layout.views(s) for s in self.slots)]
+        # An MVR rule's jobs return the gradients at their version and at the one before
+        # (2 x numel per slot); HCM's Hessian-vector products are served by the simulator only.
+        self.job: str | None = getattr(policy.rule, "job", None)
+        if self.job not in (None, "previous_gradient"):
+            raise ValueError(f"the threaded runtime serves MVR jobs ('previous_gradient'), not {self.job!r}; "
+                             "run HCM estimators under the simulator (runtime/simulator.py)")
+        self.rule_order = list(rule_order)
+        halves = 1 if self.job is None else 2
+        self.slots = torch.empty(num_slots, halves * layout.numel, device=self.device)
+        self._slot_views = [[views[j] for half in s.chunk(halves) for views in [layout.views(half)] for j in rule_order]
+                            for s in self.slots]
         self.slot_loss = [math.nan] * num_slots
         self.slot_finite = [True] * num_slots
         if self.cuda:
@@ -138,12 +147,24 @@ class Server:
         """Make the current master parameters the ones new jobs start from."""
         if self.cuda:
             with torch.cuda.stream(self.stream):
-                snapshot = self.master.clone()
+                snapshot = self._snapshot()
                 ready = torch.cuda.Event()
                 ready.record(self.stream)
         else:
-            snapshot, ready = self.master.clone(), None
+            snapshot, ready = self._snapshot(), None
         self.published = (self.policy.version, snapshot, ready)
+
+    def _snapshot(self) -> torch.Tensor:
+        """The flat parameters, followed for an MVR rule by its previous copy (the rule keeps
+        it, in rule order: checkpoints carry it) laid out as the master."""
+        if self.job is None:
+            return self.master.clone()
+        snapshot = torch.empty(2 * self.layout.numel, device=self.device)
+        snapshot[: self.layout.numel].copy_(self.master)
+        views = self.layout.views(snapshot[self.layout.numel:])
+        for k, j in enumerate(self.rule_order):
+            views[j].copy_(self.policy.rule.previous[k])
+        return snapshot
 
     # ------------------------------------------------------------------ worker side
     def deliver(self, worker: int, version: int, grad: torch.Tensor, loss: float, device: torch.device) -> bool:

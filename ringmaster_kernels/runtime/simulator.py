@@ -186,6 +186,7 @@ class Simulation:
         self.start_version = np.zeros(n, dtype=np.int64)
         self.idle = np.zeros(n, dtype=bool)
         self.snapshots: dict[int, list[torch.Tensor]] = {}
+        self._job: str | None = getattr(policy.rule, "job", None)  # see LMOMomentum.job
         # one row per event: (time, worker, delay, accepted, version, cancelled, metric, death)
         self.rows: list[tuple] = []
         self.started = 0
@@ -202,11 +203,20 @@ class Simulation:
     def _start(self, workers: int | np.ndarray) -> None:
         version = self.policy.version
         if version not in self.snapshots:
-            self.snapshots[version] = [p.detach().clone() for p in self.policy.params]
+            # an MVR/HCM rule's jobs also read the version before (the rule keeps that copy)
+            previous = self.policy.rule.previous if self._job is not None else []
+            self.snapshots[version] = [p.detach().clone() for p in [*self.policy.params, *previous]]
         self.finish[workers] = self.now + self.sample(workers)
         self.begin[workers] = self.now
         self.start_version[workers] = version
         self.started += 1 if isinstance(workers, int) else workers.shape[0]
+
+    def _gradient(self, snapshot: list[torch.Tensor], worker: int) -> Callable[[], list[torch.Tensor]]:
+        """The job's lazy result: the gradient, or an MVR/HCM job's ``2 n`` tensors."""
+        if self._job is None:
+            return lambda: self.objective.gradient(snapshot, self.grad_rng, worker)
+        n = len(self.policy.params)
+        return lambda: self.objective.job_gradient(snapshot[:n], snapshot[n:], self._job, self.grad_rng, worker)
 
     def _prune(self) -> None:
         # keep only versions some running job started from (bounded by n + 1 entries)
@@ -282,10 +292,8 @@ class Simulation:
                 stopped = self._execute(worker, decision, death=True)
             else:
                 version = int(self.start_version[worker])
-                snapshot = self.snapshots[version]
                 policy.observe_time(worker, t - float(self.begin[worker]))
-                decision = policy.on_gradient(
-                    worker, version, lambda: self.objective.gradient(snapshot, self.grad_rng, worker))
+                decision = policy.on_gradient(worker, version, self._gradient(self.snapshots[version], worker))
                 self.events += 1
                 finish[worker] = np.inf
                 stopped = self._execute(worker, decision, death=False)

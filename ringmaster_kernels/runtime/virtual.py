@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .layout import param_layout
-from .objectives import Objective
+from .objectives import Objective, hessian_vector_product, twice_differentiable
 from .time_models import TimeModel
 from .worker import open_stream
 
@@ -77,6 +77,7 @@ class TaskObjective(Objective):
         self._replica_params = [replica[name] for name in self.names]
         self.streams = [open_stream(task, w, num_workers, batch_size, self.device, seed) for w in range(num_workers)]
         self.losses: list[float] = []  # training loss of every gradient computed, in order
+        self._last_loss = math.nan  # of the latest gradient_at
 
     def _load(self, params: Sequence[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -84,15 +85,39 @@ class TaskObjective(Objective):
                 dst.copy_(src)
 
     def gradient(self, params: Sequence[torch.Tensor], rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
+        grads = self.gradient_at(params, self.sample(rng, worker))
+        self.losses.append(self._last_loss)
+        return grads
+
+    def sample(self, rng: np.random.Generator, worker: int = 0) -> list[Any]:
+        """The ``accum_steps`` micro-batches of one gradient, from ``worker``'s stream."""
+        return [self.streams[worker].next_batch() for _ in range(self.accum_steps)]
+
+    def gradient_at(self, params: Sequence[torch.Tensor], batch: list[Any]) -> list[torch.Tensor]:
         self._load(params)
         self.replica.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(self.accum_steps):
-            loss = self.task.loss(self.replica, self.streams[worker].next_batch()) / self.accum_steps
+        for micro in batch:
+            loss = self.task.loss(self.replica, micro) / self.accum_steps
             loss.backward()
             total += float(loss.detach())
-        self.losses.append(total)
+        self._last_loss = total
         return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self._replica_params]
+
+    def hessian_vector(self, params: Sequence[torch.Tensor], d: Sequence[torch.Tensor], batch: list[Any]) -> list[torch.Tensor]:
+        """``H d`` on the micro-batches, by double backward through the replica."""
+        self._load(params)
+        with torch.enable_grad(), twice_differentiable():
+            loss = sum(self.task.loss(self.replica, micro) for micro in batch) / self.accum_steps
+            return hessian_vector_product(loss, self._replica_params, d)
+
+    def job_gradient(self, params: Sequence[torch.Tensor], previous: Sequence[torch.Tensor], job: str,
+                     rng: np.random.Generator, worker: int = 0) -> list[torch.Tensor]:
+        """As ``Objective.job_gradient``; the training loss logged is the one at ``params``."""
+        batch = self.sample(rng, worker)
+        grads = self.gradient_at(params, batch)
+        self.losses.append(self._last_loss)
+        return grads + self._extra(params, previous, job, batch, rng)
 
     def metric(self, params: Sequence[torch.Tensor]) -> float:
         self._load(params)

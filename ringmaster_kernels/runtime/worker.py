@@ -73,6 +73,9 @@ class Job:
     beat: Callable[[], None]
     sleep_until: Callable[[float], bool]  # False if woken early (cancel or stop)
     abandoned: Callable[[], bool] = lambda: False  # the run stops or gave up on this worker
+    # an MVR job's previous version (flat, read-only): the gradient there on the same
+    # batches follows the gradient at ``params`` in the result (``2 * numel`` values)
+    previous: torch.Tensor | None = None
 
 
 class WorkerBody(Protocol):
@@ -217,18 +220,31 @@ class LocalWorker:
             while not job.abandoned():
                 time.sleep(0.02)
             return None
-        self.flat_grad.zero_()
+        # an MVR job is two passes over the same micro-batches (at params, then at previous),
+        # each emulated as one gradient's compute time
+        passes = 1 if job.previous is None else 2
+        total = passes * self.accum_steps
         start = time.monotonic()
         real = 0.0
         loss_sum = torch.zeros((), device=self.device)
-        for step in range(self.accum_steps):
+        batches: list[Any] = []
+        out = None
+        for step in range(total):
             if job.cancelled():
                 return None
+            if step == self.accum_steps:  # the second pass: the previous version, same batches
+                out = torch.empty(2 * self.flat_grad.numel(), device=self.device)
+                out[: self.flat_grad.numel()].copy_(self.flat_grad)
+                self.flat_param.copy_(job.previous, non_blocking=True)
+            if step % self.accum_steps == 0:
+                self.flat_grad.zero_()
             t0 = time.monotonic()
-            batch = self.stream.next_batch()
-            loss = task.loss(self.model, batch) / self.accum_steps
+            if step < self.accum_steps:
+                batches.append(self.stream.next_batch())
+            loss = task.loss(self.model, batches[step % self.accum_steps]) / self.accum_steps
             loss.backward()
-            loss_sum += loss.detach()
+            if step < self.accum_steps:
+                loss_sum += loss.detach()
             if cuda and self.slowdown > 1.0:  # the speed factor needs device time, not launch time
                 torch.cuda.current_stream(self.device).synchronize()
             real += time.monotonic() - t0
@@ -236,9 +252,12 @@ class LocalWorker:
             target = max((self.compute_time or 0.0) * (step + 1) / self.accum_steps, real * self.slowdown)
             if not job.sleep_until(start + target):
                 return None
+        if out is not None:
+            out[self.flat_grad.numel():].copy_(self.flat_grad)
+        result = self.flat_grad if out is None else out
         if fault is not None and fault.kind == "nan":
-            self.flat_grad.fill_(math.nan)
-        return self.flat_grad, float(loss_sum)
+            result.fill_(math.nan)
+        return result, float(loss_sum)
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -290,11 +309,15 @@ def _work(server: "Server", i: int, body: WorkerBody) -> None:
 
     while not stopping.is_set():
         version, params, ready = server.published
+        previous = None
+        if server.job is not None:  # an MVR server publishes [x^v, x^{v-1}] as one snapshot
+            params, previous = params.chunk(2)
         ws.job_version = version
         ws.wake.clear()
         job = Job(i, ws.jobs, version, params, ready,
                   cancelled=lambda v=version: v < server.cancel_below[i] or stopping.is_set() or ws.fate is not None,
-                  beat=beat, sleep_until=sleep_until, abandoned=lambda: stopping.is_set() or ws.fate is not None)
+                  beat=beat, sleep_until=sleep_until, abandoned=lambda: stopping.is_set() or ws.fate is not None,
+                  previous=previous)
         ws.jobs += 1
         beat()
         ws.phase = "running"
