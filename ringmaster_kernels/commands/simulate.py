@@ -17,7 +17,8 @@ import math
 import sys
 
 from ..runtime.reporting import json_ready
-from ._args import float_list, nonnegative_int, output_file
+from ._args import (float_list, nonnegative_float, nonnegative_int, output_file, positive_float, positive_int,
+                    unit_interval)
 
 METHOD_NAMES = ("ringmaster", "ringmaster_pa", "sync", "async", "delay_adaptive", "rennala")
 TIME_MODELS = ("paper", "constant", "sqrt", "linear", "uniform")
@@ -27,15 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="experiment", required=True)
     quad = sub.add_parser("quadratic", help="all methods on the paper's quadratic")
     _common(quad, workers=6174, dim=1729, horizon=2000.0)
-    quad.add_argument("--heterogeneity", type=float, default=1.0, help="S: 0 homogeneous, 1 the paper's times")
+    quad.add_argument("--heterogeneity", type=nonnegative_float, default=1.0, help="S: 0 homogeneous, 1 the paper's times")
     quad.add_argument("--method", action="append", choices=METHOD_NAMES + ("ringmaster_asgd",),
                       help="run only this method (repeatable), with --lr/--threshold/--batch overrides")
-    quad.add_argument("--lr", type=float, help="step size (eta / gamma) for the chosen methods")
-    quad.add_argument("--threshold", type=int, help="Ringmaster's delay threshold R")
-    quad.add_argument("--batch", type=int, help="Rennala's batch size B")
+    quad.add_argument("--lr", type=positive_float, help="step size (eta / gamma) for the chosen methods")
+    quad.add_argument("--threshold", type=positive_int, help="Ringmaster's delay threshold R")
+    quad.add_argument("--batch", type=positive_int, help="Rennala's batch size B")
     quad.add_argument("--tune", action="store_true", help="grid-search every method on --tune-seed first")
     quad.add_argument("--tune-seed", type=nonnegative_int, default=0)
-    quad.add_argument("--jobs", type=int, default=1,
+    quad.add_argument("--jobs", type=nonnegative_int, default=1,
                       help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
     swp = sub.add_parser("sweep", help="Ringmaster's speed-up vs heterogeneity")
     _common(swp, workers=64, dim=64, horizon=20000.0)
@@ -46,15 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: float) -> None:
-    p.add_argument("--workers", type=int, default=workers, help="n")
-    p.add_argument("--dim", type=int, default=dim, help="d")
-    p.add_argument("--horizon", type=float, default=horizon, help="virtual time to simulate")
+    p.add_argument("--workers", type=positive_int, default=workers, help="n")
+    p.add_argument("--dim", type=positive_int, default=dim, help="d")
+    p.add_argument("--horizon", type=positive_float, default=horizon, help="virtual time to simulate")
     p.add_argument("--time-model", default="paper", choices=TIME_MODELS)
-    p.add_argument("--noise", type=float, default=0.01, help="gradient noise std")
-    p.add_argument("--target", type=float, default=1e-4, help="target as a fraction of ||grad f(x0)||^2")
+    p.add_argument("--noise", type=nonnegative_float, default=0.01, help="gradient noise std")
+    p.add_argument("--target", type=positive_float, default=1e-4, help="target as a fraction of ||grad f(x0)||^2")
     p.add_argument("--norm", default="l2", help="norm ball of the LMO (l2 = the authors' Muon on a vector)")
-    p.add_argument("--radius", type=float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
-    p.add_argument("--momentum", type=float, default=0.95, help="beta")
+    p.add_argument("--radius", type=positive_float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
+    p.add_argument("--momentum", type=unit_interval, default=0.95, help="beta, in [0, 1)")
     p.add_argument("--seed", type=nonnegative_int, default=1, help="seed of the reported run")
     p.add_argument("--outlier", action="append", default=[], type=_outlier, metavar="WORKER:FACTOR",
                    help="worker WORKER (0-based) computes FACTOR (> 0) times slower; repeatable")
@@ -114,11 +115,7 @@ def run(args: argparse.Namespace) -> int:
             outliers=tuple(args.outlier), deaths=tuple(args.die),
         )
         exp.validate()
-        if not (0.0 <= args.momentum < 1.0):
-            raise ValueError(f"momentum must be in [0, 1), got {args.momentum}")
         if args.experiment == "quadratic":
-            if args.jobs < 0:
-                raise ValueError(f"jobs must be >= 0, got {args.jobs}")
             methods, params, overridden = _plan(args, ex)
             # build every policy once: bad values raise here, before any simulation
             for m in methods:
