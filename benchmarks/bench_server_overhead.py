@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                ("sync", {"lr": 1e-3, "momentum": 0.0})]
     rows = []
     # stderr, shown on a terminal only
-    progress = tqdm(total=2 * len(counts) * len(methods) * repeats, desc="server overhead", unit="run", leave=False)
+    progress = tqdm(total=2 * len(counts) * len(methods) * repeats, desc="server overhead", unit="run", leave=False, disable=None)
     for setting, task in (("idle_workers", TinyTask()), ("gpt_workers", gpt_task())):
         for n in counts:
             for method, options in methods:

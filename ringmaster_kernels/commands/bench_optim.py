@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=nonnegative_int, help="untimed steps per contestant (default: 3; 1 with --quick)")
     parser.add_argument("--repeats", type=positive_int, help="timed steps per contestant (default: 10; 3 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="a fast look (seconds, not minutes, on a CPU): fewer steps, no torch.compile contestant")
+                        help="a fast look (seconds, not minutes, on a CPU): the tiny model unless --model, fewer steps, "
+                             "no torch.compile contestant")
     parser.add_argument("--rounds", type=positive_int, default=1,
                         help="measure every contestant this many times, interleaved, so load drift on a "
                              "shared machine hits all alike; report the median of round medians")
@@ -232,12 +233,12 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     repeats = args.repeats or (3 if args.quick else 10)
     dtype = getattr(torch, args.dtype)
-    models = args.model or (["d12", "d20"] if torch.device(device).type == "cuda" else ["small"])
+    models = args.model or (["tiny"] if args.quick else ["d12", "d20"] if torch.device(device).type == "cuda" else ["small"])
     result = {"machine": machine_info(), "device": device, "dtype": args.dtype, "backend": args.backend, "hyper": HYPER,
               "threads": torch.get_num_threads(), "rounds": args.rounds, "models": {}}
     compile_twin = not (args.no_compile or args.quick)
     # stderr, shown on a terminal only: the default run takes minutes on a CPU
-    progress = tqdm(total=0, desc="bench optim", unit="contestant", leave=False)
+    progress = tqdm(total=0, desc="bench optim", unit="contestant", leave=False, disable=None)
     for model in models:
         shapes = hidden_shapes(*MODELS[model])
         contestants = _contestants(shapes, device, dtype, compile_twin, args.backend)
