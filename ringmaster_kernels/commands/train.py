@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     runtime.add_argument("--torch-threads", type=positive_int, default=1, help="intra-op threads (process-wide)")
+    runtime.add_argument("--worker-niceness", type=int, choices=range(20), default=0, metavar="0..19",
+                         help="run the worker threads this much nicer than the server (Linux): the server "
+                              "waits less for a core, but the workers yield to other processes too")
     runtime.add_argument("--seed", type=nonnegative_int, default=0)
     runtime.add_argument("--hang-timeout", type=positive_float, default=60.0, help="drop a worker silent this long (s)")
     runtime.add_argument("--checkpoint-every", type=positive_int, help="updates between checkpoints (always one at the end)")
@@ -159,6 +162,7 @@ def train_methods(args: argparse.Namespace, make_workers, server_device: str) ->
             server_device=server_device, seed=args.seed, hang_timeout=args.hang_timeout,
             checkpoint_path=path, checkpoint_every=args.checkpoint_every,
             log=_log, log_every=args.log_every, eval_every=args.eval_every, torch_threads=args.torch_threads,
+            worker_niceness=args.worker_niceness,
         )
         if args.resume and os.path.exists(path):
             trainer.load_checkpoint(path)

@@ -101,8 +101,10 @@ class AsyncTrainer:
         gil_switch_interval: ``sys.setswitchinterval`` during the run (process-wide,
             restored after): bounds how long the server waits for the GIL.
         worker_niceness: how much lower the worker threads' CPU priority is than the
-            server's (Linux ``nice``, 0..19; 0: equal): with more threads than cores the
-            server otherwise waits for a core behind the workers at every record.
+            server's (Linux ``nice``, 0..19; 0: equal). With more threads than cores the
+            server waits for a core behind the workers at every record; a lower worker
+            priority cuts that wait, but on a machine other processes load it also cuts
+            the workers' share of the CPU (see benchmarks/server_wall_breakdown.py).
     """
 
     def __init__(
@@ -123,7 +125,7 @@ class AsyncTrainer:
         eval_every: float | None = None,
         torch_threads: int | None = None,
         gil_switch_interval: float = 2e-4,
-        worker_niceness: int = 10,
+        worker_niceness: int = 0,
     ) -> None:
         if not workers:
             raise ValueError("workers must name at least one worker")

@@ -259,9 +259,9 @@ def worker_main(server: "Server", i: int, niceness: int = 0) -> None:
     ws = server.ws[i]
     body = server.bodies[i]
     if niceness > 0 and sys.platform == "linux":
-        # With more worker threads than cores the server, woken by a record, would wait
-        # for a core behind them (most of its wall time per update, measured); a lower
-        # priority for the workers lets it run at once. Linux applies it to this thread only.
+        # With more worker threads than cores the server, woken by a record, waits for a
+        # core behind them; a lower priority for the workers lets it run first. Linux
+        # applies it to this thread only.
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     try:
         if body.device.type == "cuda":
