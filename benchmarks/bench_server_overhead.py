@@ -13,7 +13,8 @@ Two settings:
   * ``gpt_workers``: worker threads run a tiny GPT's forward/backward in Python, as in
     ``ringmaster train``: the server then also waits for the GIL those threads hold.
 
-Usage: ``python benchmarks/bench_server_overhead.py [--json] [--seconds 3] [--workers 1,2,4]``
+Usage: ``python benchmarks/bench_server_overhead.py [--json] [--seconds 3] [--workers 1,2,4] [--quick]``
+(the default takes about 3 minutes; ``--quick`` about 20 s, one short run per setting).
 """
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
+from ringmaster_kernels.cli import show_defaults  # noqa: E402
+from ringmaster_kernels.commands._args import positive_float, positive_int  # noqa: E402
 from ringmaster_kernels.commands._timing import emit, machine_info  # noqa: E402
 from ringmaster_kernels.runtime.trainer import AsyncTrainer, LocalWorker  # noqa: E402
 
@@ -77,26 +81,44 @@ def measure(task, workers: int, method: str, options: dict, seconds: float) -> d
             "publish_us_per_update": server["publish_us_per_update"], "accounting_ok": s["accounting_ok"]}
 
 
+def worker_counts(text: str) -> list[int]:
+    """``--workers``: comma-separated ints >= 1."""
+    return [positive_int(w) for w in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="run length per setting")
-    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker-thread counts")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per setting (the median is reported)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--seconds", type=positive_float, help="run length per setting (default: 3; 1 with --quick)")
+    parser.add_argument("--workers", type=worker_counts, help="comma-separated worker-thread counts "
+                                                              "(default: 1,2,4; 1,4 with --quick)")
+    parser.add_argument("--repeats", type=positive_int,
+                        help="runs per setting, the median is reported (default: 3; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a fast look: shorter runs, fewer settings")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    show_defaults(parser)
     args = parser.parse_args(argv)
-    counts = [int(w) for w in args.workers.split(",")]
+    seconds = args.seconds or (1.0 if args.quick else 3.0)
+    counts = args.workers or ([1, 4] if args.quick else [1, 2, 4])
+    repeats = args.repeats or (1 if args.quick else 3)
     methods = [("async", {"lr": 1e-3, "momentum": 0.0}),
                ("ringmaster", {"lr": 1e-3, "momentum": 0.0, "threshold": 2}),
                ("sync", {"lr": 1e-3, "momentum": 0.0})]
     rows = []
+    # stderr, shown on a terminal only
+    progress = tqdm(total=2 * len(counts) * len(methods) * repeats, desc="server overhead", unit="run", leave=False, disable=None)
     for setting, task in (("idle_workers", TinyTask()), ("gpt_workers", gpt_task())):
         for n in counts:
             for method, options in methods:
-                runs = [measure(task, n, method, options, args.seconds) for _ in range(args.repeats)]
+                runs = []
+                for _ in range(repeats):
+                    progress.set_postfix_str(f"{setting} {method} x{n}")
+                    runs.append(measure(task, n, method, options, seconds))
+                    progress.update()
                 runs.sort(key=lambda r: r["overhead_cpu_us_per_update"] or 0.0)
                 row = dict(runs[len(runs) // 2], setting=setting)
                 row["overhead_us_per_update_all"] = [r["overhead_us_per_update"] for r in runs]
                 rows.append(row)
+    progress.close()
     cpu = [r["overhead_cpu_us_per_update"] for r in rows]
     wall = [r["overhead_us_per_update"] for r in rows]
     result = {"benchmark": "server_overhead", "machine": machine_info(), "target_us": TARGET_US,

@@ -1,8 +1,10 @@
 """The ``ringmaster`` command: ``bench {queue,ns,lmo,optim} | simulate | train | inspect sm90``.
 
 Each subcommand lives in ``ringmaster_kernels/commands/<name>.py`` exposing
-``add_arguments(parser)`` and ``run(args) -> int``; modules import lazily so that
-``ringmaster bench queue`` does not pay for importing Triton.
+``add_arguments(parser)``, optionally ``check(args)`` (every flag checked before any
+work; a ValueError naming the flag becomes argparse's usage error, so every bad flag
+reads ``ringmaster <command>: error: --flag ...``) and ``run(args) -> int``; modules
+import lazily so that ``ringmaster bench queue`` does not pay for importing Triton.
 """
 from __future__ import annotations
 
@@ -34,9 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
                 group_parser = top.add_parser(path[0], help=f"{path[0]} subcommands")
                 groups[path[0]] = group_parser.add_subparsers(dest="subcommand", required=True)
             sub = groups[path[0]].add_parser(path[1], help=help_text)
-        sub.set_defaults(_module=module)
+        sub.set_defaults(_module=module, _parser=sub)
         _load(module).add_arguments(sub)
+        show_defaults(sub)
     return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: ...)`` to the help of every option that has a default (in nested
+    subcommands too), also of those without a help text, which argparse's
+    ArgumentDefaultsHelpFormatter skips."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):  # e.g. simulate quadratic | sweep
+            for child in action.choices.values():
+                show_defaults(child)
+            continue
+        if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+            continue
+        text = action.help or ""
+        if "%(default)" not in text:
+            action.help = f"{text} (default: %(default)s)".strip()
 
 
 def _load(module: str):
@@ -45,7 +64,14 @@ def _load(module: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(_load(args._module).run(args) or 0)
+    module = _load(args._module)
+    check = getattr(module, "check", None)
+    if check is not None:
+        try:
+            check(args)
+        except ValueError as exc:
+            args._parser.error(str(exc))
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

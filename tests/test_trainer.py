@@ -365,13 +365,18 @@ def test_train_command_writes_table_json_and_plot(tmp_path, capsys):
                  "--eval-every", "100", "--log-every", "100"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "ringmaster" in printed and "sync" in printed and "loss reached" in printed
+    assert "ringmaster" in printed and "sync" in printed and "held-out end" in printed and "train EMA" in printed
+    assert "s/gradient" in printed and "server wall us/upd" in printed and "wall >= CPU" in printed
     import json
 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"ringmaster", "sync"}
     for s in summary["methods"].values():
         assert s["accounting_ok"] and s["updates"] > 0 and s["final_loss"] < s["initial_loss"]
+    # every job of synchronous training completes: each worker's speed is measured
+    assert all(w["seconds_per_gradient"] > 0 for w in summary["methods"]["sync"]["per_worker"])
+    bodies = [w["body"] for w in summary["methods"]["sync"]["per_worker"]]
+    assert "slowdown=1.0" in bodies[0] and "slowdown=2.0" in bodies[1]  # --profile linear
     assert (out / "loss_vs_time.png").stat().st_size > 1000
     assert (out / "ringmaster" / "checkpoint.pt").exists()
 
@@ -544,6 +549,14 @@ def test_sigterm_stops_cleanly_with_a_final_checkpoint(tmp_path):
     (["train", "--tau", "-1"], "--tau"),
     (["train", "--seed", "-1"], "--seed"),
     (["train", "--threshold", "0"], "--threshold"),
+    (["train", "--momentum", "1"], "--momentum"),
+    (["train", "--d-model", "10", "--heads", "3"], "--d-model"),
+    (["train", "--fault", "0:kill@1"], "--fault"),
+    (["train", "--fault", "0:explode@1"], "--fault"),
+    (["train", "--max-updates", "0"], "--max-updates"),
+    (["simulate", "quadratic", "--threshold", "0"], "--threshold"),
+    (["simulate", "quadratic", "--momentum", "1.5"], "--momentum"),
+    (["inspect", "sm90", "--kernels", "ns,foo"], "--kernels"),
     (["simulate", "sweep", "--levels", "a,b"], "--levels"),
     (["simulate", "quadratic", "--seed", "-1"], "--seed"),
     (["bench", "ns", "--repeats", "0"], "--repeats"),
@@ -564,6 +577,37 @@ def test_cli_refuses_bad_flags_before_any_work(argv, flag, tmp_path, capsys):
     assert info.value.code != 0 and flag in message, message
     assert time.monotonic() - t0 < 10  # nothing trained first
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_train_refuses_an_out_folder_it_cannot_write(tmp_path, capsys):
+    from ringmaster_kernels.cli import main
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(tmp_path / "afile" / "run")])
+    assert info.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    import argparse
+
+    from ringmaster_kernels.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    missing = []
+    for parser in parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            shown = action.default not in (None, False, [], argparse.SUPPRESS)
+            if action.option_strings and shown and f"(default: {action.default})" not in text:
+                missing.append(f"{parser.prog} {action.option_strings[0]}")
+    assert not missing
 
 
 def test_simulate_plot_path_is_checked_before_the_run(tmp_path, capsys):

@@ -49,6 +49,14 @@ def nonnegative_float(text: str) -> float:
     return _finite(text, 0.0, strict=False)
 
 
+def unit_interval(text: str) -> float:
+    """A number in [0, 1) (e.g. a momentum)."""
+    value = _finite(text, 0.0, strict=False)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def float_list(text: str) -> tuple[float, ...]:
     """Comma-separated finite numbers >= 0, e.g. ``0,0.5,1``."""
     try:

@@ -16,7 +16,7 @@ fp32); for ``norms.lmo``: read G, write the result. The device copy bandwidth
 from __future__ import annotations
 
 import argparse
-from ._args import positive_int
+from ._args import nonnegative_int, positive_int
 
 NORMS = ("spectral", "sign", "l2", "l1", "colnorm", "rownorm", "bias_rms")
 CASES = ("nanochat", "many-small", "large")
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nesterov", action="store_true")
     parser.add_argument("--threads", type=_positive, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CUDA / 1 CPU)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=None, help="untimed calls (default 3 CUDA / 1 CPU)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed calls (default 20 CUDA / 3 CPU)")
 
 

@@ -9,7 +9,7 @@ Gram products count half, as the symmetric kernel computes them).
 from __future__ import annotations
 
 import argparse
-from ._args import positive_int
+from ._args import nonnegative_int, positive_float, positive_int
 
 # NanoChat d12 / d20 / d24 hidden matrices, and two large single matrices.
 NANOCHAT_SHAPES = [(768, 768), (768, 3072), (1280, 1280), (1280, 5120), (1536, 1536), (1536, 6144)]
@@ -46,16 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "4096x4096 and 8192x8192 single on CUDA; 768x768 and 768x3072, batch 1, on CPU)")
     parser.add_argument("--batches", type=_int_list, default=None, help="comma-separated batch sizes for --shapes")
     parser.add_argument("--full", action="store_true", help="the full CUDA shape list even on CPU (slow)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=5, help="Newton-Schulz iterations")
     parser.add_argument("--coefficients", default="polar_express", choices=["polar_express", "quintic"])
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="input and compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CUDA / 1 CPU)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=None, help="untimed calls (default 3 CUDA / 1 CPU)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed calls (default 20 CUDA / 3 CPU)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd twin")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=positive_float, default=None,
                         help="the device's peak for this dtype; adds time / symmetric-FLOP floor")
 
 
@@ -107,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
     from ._timing import emit, machine_info, time_fn
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 from typing import TYPE_CHECKING
-from ._args import positive_int
+from ._args import nonnegative_int, positive_int
 
 if TYPE_CHECKING:  # torch loads inside run(): the CLI stays light to start
     import torch
@@ -46,13 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parameter sets (default: d12 d20 on CUDA, small on CPU)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=positive_int, default=10)
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--warmup", type=nonnegative_int, help="untimed steps per contestant (default: 3; 1 with --quick)")
+    parser.add_argument("--repeats", type=positive_int, help="timed steps per contestant (default: 10; 3 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a fast look (seconds, not minutes, on a CPU): the tiny model unless --model, fewer steps, "
+                             "no torch.compile contestant")
+    parser.add_argument("--rounds", type=positive_int, default=1,
                         help="measure every contestant this many times, interleaved, so load drift on a "
                              "shared machine hits all alike; report the median of round medians")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contestant")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (1 avoids OpenMP spin-waits on a loaded machine)")
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
                         help="backend of the 'ours' rows and of the launch count (triton on a CPU runs the "
@@ -209,29 +212,45 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check(args: argparse.Namespace) -> None:
+    """Flags that argparse's types cannot check alone."""
+    import torch
+
+    if args.device is not None and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but CUDA is not available")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ._timing import emit, machine_info
 
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    from tqdm import tqdm
+
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 10)
     dtype = getattr(torch, args.dtype)
-    models = args.model or (["d12", "d20"] if torch.device(device).type == "cuda" else ["small"])
+    models = args.model or (["tiny"] if args.quick else ["d12", "d20"] if torch.device(device).type == "cuda" else ["small"])
     result = {"machine": machine_info(), "device": device, "dtype": args.dtype, "backend": args.backend, "hyper": HYPER,
               "threads": torch.get_num_threads(), "rounds": args.rounds, "models": {}}
+    compile_twin = not (args.no_compile or args.quick)
+    # stderr, shown on a terminal only: the default run takes minutes on a CPU
+    progress = tqdm(total=0, desc="bench optim", unit="contestant", leave=False, disable=None)
     for model in models:
         shapes = hidden_shapes(*MODELS[model])
-        contestants = _contestants(shapes, device, dtype, not args.no_compile, args.backend)
-        rounds = [{name: _measure(make, step, device, args.warmup, args.repeats)
-                   for name, (make, step) in contestants.items()} for _ in range(args.rounds)]
+        contestants = _contestants(shapes, device, dtype, compile_twin, args.backend)
+        progress.total += len(contestants) * args.rounds
+        progress.refresh()
+        rounds = []
+        for _ in range(args.rounds):
+            rounds.append({})
+            for name, (make, step) in contestants.items():
+                progress.set_postfix_str(f"{model} {name}")
+                rounds[-1][name] = _measure(make, step, device, warmup, repeats)
+                progress.update()
         times = {name: _combine([r[name] for r in rounds]) for name in contestants}
         pairs = [(name, "ours") for name in times if name != "ours"] + [("torch_muon", "ours_fp32_ns")]
         ratios = {
@@ -247,5 +266,6 @@ def run(args: argparse.Namespace) -> int:
             "parameters": sum(r * c for r, c in shapes), "times": times, "ratios": ratios,
             "agreement": agreement, "launches": launch_counts(shapes, device, dtype, args.backend),
         }
+    progress.close()
     emit(result, args.json, _table)
     return 0

@@ -26,6 +26,8 @@ import os
 import subprocess
 import sys
 
+from ._args import positive_int
+
 # The limit an sm_90 block may use (227 KB of opt-in shared memory per block).
 SM90_SHARED_BYTES = 232448
 NANOCHAT = [(768, 768, 4), (768, 3072, 1), (3072, 768, 1)]  # (m, n, batch): q/k/v/o, MLP out, MLP in
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true", help="the CI subset: bf16, one shape, fewer variants")
     parser.add_argument("--dtypes", default="bfloat16,float16", help="compute dtypes of Newton–Schulz and the LMO params")
     parser.add_argument("--kernels", default="ns,lmo", help="comma-separated kernel families: ns, lmo")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (processes)")
+    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compiles in parallel (processes)")
 
 
 # ------------------------------------------------------------------ finding variants
@@ -266,6 +268,16 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check(args: argparse.Namespace) -> None:
+    """--kernels and --dtypes name known things (before the minutes of compiling)."""
+    families = [f for f in args.kernels.split(",") if f]
+    if not families or set(families) - {"ns", "lmo"}:
+        raise ValueError(f"--kernels: unknown {sorted(set(families) - {'ns', 'lmo'}) or families}; known: ns, lmo")
+    names = [d for d in args.dtypes.split(",") if d]
+    if not names or set(names) - {"bfloat16", "float16", "float32"}:
+        raise ValueError(f"--dtypes: choose from bfloat16, float16, float32, got {names}")
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -280,11 +292,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     families = [f for f in args.kernels.split(",") if f]
-    if set(families) - {"ns", "lmo"}:
-        raise SystemExit(f"--kernels: unknown {sorted(set(families) - {'ns', 'lmo'})}; known: ns, lmo")
     names = ["bfloat16"] if args.fast else [d for d in args.dtypes.split(",") if d]
-    if set(names) - {"bfloat16", "float16", "float32"}:
-        raise SystemExit(f"--dtypes: choose from bfloat16, float16, float32, got {names}")
     t0 = time.perf_counter()
     rows = inspect(families, [getattr(torch, n) for n in names], args.fast, max(1, args.jobs))
     result = {"target": "sm_90", "shared_limit": SM90_SHARED_BYTES, "fast": args.fast,

@@ -25,7 +25,8 @@ import sys
 
 from ..optim.policies import METHODS
 from ..runtime.reporting import json_ready
-from ._args import float_list, nonnegative_int, output_file, positive_int
+from ._args import (float_list, nonnegative_float, nonnegative_int, output_file, positive_float, positive_int,
+                    unit_interval)
 
 METHOD_NAMES = tuple(METHODS)
 TIME_MODELS = ("paper", "constant", "sqrt", "linear", "uniform")
@@ -35,18 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="experiment", required=True)
     quad = sub.add_parser("quadratic", help="all methods on the paper's quadratic")
     _common(quad, workers=6174, dim=1729, horizon=2000.0)
-    quad.add_argument("--heterogeneity", type=float, default=1.0, help="S: 0 homogeneous, 1 the paper's times")
+    quad.add_argument("--heterogeneity", type=nonnegative_float, default=1.0, help="S: 0 homogeneous, 1 the paper's times")
     quad.add_argument("--method", action="append", choices=METHOD_NAMES,
                       help="run only this method (repeatable), with --lr/--threshold/--batch/--no-stops overrides")
-    quad.add_argument("--lr", type=float, help="step size (eta / gamma) for the chosen methods")
-    quad.add_argument("--threshold", type=int, help="Ringmaster's delay threshold R")
-    quad.add_argument("--batch", type=int, help="Rennala's batch size B")
+    quad.add_argument("--lr", type=positive_float, help="step size (eta / gamma) for the chosen methods")
+    quad.add_argument("--threshold", type=positive_int, help="Ringmaster's delay threshold R")
+    quad.add_argument("--batch", type=positive_int, help="Rennala's batch size B")
     quad.add_argument("--stops", action=argparse.BooleanOptionalAction, default=None,
                       help="Ringmaster's stops (cancel jobs whose delay reached R) on or off (default: on)")
     quad.add_argument("--tune", action="store_true", help="grid-search every method on --tune-seed first")
     quad.add_argument("--tune-grid", choices=("paper", "local"), default="paper",
                       help="the tuning budget: the paper's grid, or 12 points around the stored values")
-    quad.add_argument("--jobs", type=int, default=1,
+    quad.add_argument("--jobs", type=nonnegative_int, default=1,
                       help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
     from . import _hetero
 
@@ -60,15 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser, *, workers: int, dim: int, horizon: float) -> None:
-    p.add_argument("--workers", type=int, default=workers, help="n")
-    p.add_argument("--dim", type=int, default=dim, help="d")
-    p.add_argument("--horizon", type=float, default=horizon, help="virtual time to simulate")
+    p.add_argument("--workers", type=positive_int, default=workers, help="n")
+    p.add_argument("--dim", type=positive_int, default=dim, help="d")
+    p.add_argument("--horizon", type=positive_float, default=horizon, help="virtual time to simulate")
     p.add_argument("--time-model", default="paper", choices=TIME_MODELS)
-    p.add_argument("--noise", type=float, default=0.01, help="gradient noise std")
-    p.add_argument("--target", type=float, default=1e-4, help="target as a fraction of ||grad f(x0)||^2")
+    p.add_argument("--noise", type=nonnegative_float, default=0.01, help="gradient noise std")
+    p.add_argument("--target", type=positive_float, default=1e-4, help="target as a fraction of ||grad f(x0)||^2")
     p.add_argument("--norm", default="l2", help="norm ball of the LMO (l2 = the authors' Muon on a vector)")
-    p.add_argument("--radius", type=float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
-    p.add_argument("--momentum", type=float, default=0.95, help="beta")
+    p.add_argument("--radius", type=positive_float, help="LMO radius (default: Muon's 1 x d gain for l2, else 1)")
+    p.add_argument("--momentum", type=unit_interval, default=0.95, help="beta, in [0, 1)")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
                    help="Nesterov look-ahead in the LMO-momentum update (the _alg1 methods never use it)")
     p.add_argument("--seed", type=nonnegative_int, default=1, help="first reported seed")

@@ -2,11 +2,13 @@
 
 The text is the Python standard library's own sources (nothing to download). Workers
 are one thread per GPU when there are GPUs (at least two threads on a single GPU), else
-CPU threads whose speeds are emulated (worker ``i`` takes at least ``tau * f(i)``
-seconds per gradient), so the server sees the staleness of a heterogeneous cluster.
-Each method named by ``--methods`` (default: Ringmaster LMO vs synchronous) trains for
-``--time`` seconds from the same initial model; the command ends with a table (loss
-reached, wall time, updates, discard rate), ``--out/summary.json`` and
+CPU threads. Their speeds are made unequal: worker ``i`` (1-based) takes ``f(i)`` times
+its own measured compute time per gradient (``f(i) = i`` for ``--profile linear``), so
+the ratios hold however loaded the machine is and the server sees the staleness of a
+heterogeneous cluster. Each method named by ``--methods`` (default: Ringmaster LMO vs
+synchronous) trains for ``--time`` seconds from the same initial model; the command ends
+with a table (held-out and training loss, updates, discards, the server's cost per
+update), each worker's achieved speed, ``--out/summary.json`` and
 ``--out/loss_vs_time.png``. ``--json`` prints one JSON object instead of the table.
 
 Under ``torchrun`` (``--distributed``), rank 0 runs the server and every other rank one
@@ -19,44 +21,49 @@ import json
 import math
 import os
 import sys
-from ._args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from ._args import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
 
+PROG = "ringmaster train"
 DEFAULT_METHODS = "ringmaster,sync"
 PROFILES = ("linear", "sqrt", "constant")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated async methods to compare (default: {DEFAULT_METHODS})")
-    parser.add_argument("--workers", type=int, help="number of workers (default: all GPUs, at least 2; else 4 CPU threads)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated async methods to compare")
+    parser.add_argument("--workers", type=positive_int,
+                        help="number of workers (default: all GPUs, at least 2; else 4 CPU threads)")
     parser.add_argument("--time", type=positive_float, default=60.0, help="wall seconds per method")
-    parser.add_argument("--max-updates", type=int, help="also stop a method after this many updates")
+    parser.add_argument("--max-updates", type=positive_int, help="also stop a method after this many updates")
     parser.add_argument("--out", default="runs/train", help="directory for summary.json, the plot and checkpoints")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     model = parser.add_argument_group("model and data")
-    model.add_argument("--d-model", type=int, default=64)
-    model.add_argument("--layers", type=int, default=2)
-    model.add_argument("--heads", type=int, default=4)
-    model.add_argument("--seq-len", type=int, default=64)
-    model.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    model.add_argument("--accum", type=int, default=1, help="micro-batches per gradient")
-    model.add_argument("--corpus-bytes", type=int, default=4_000_000, help="bytes of stdlib source to read")
+    model.add_argument("--d-model", type=positive_int, default=64, help="width (a multiple of --heads)")
+    model.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
+    model.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    model.add_argument("--seq-len", type=positive_int, default=64, help="bytes per sequence")
+    model.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch")
+    model.add_argument("--accum", type=positive_int, default=1, help="micro-batches per gradient")
+    model.add_argument("--corpus-bytes", type=positive_int, default=4_000_000, help="bytes of stdlib source to read")
     method = parser.add_argument_group("method")
     method.add_argument("--lr", type=nonnegative_float, default=0.02, help="step size eta of every method")
     method.add_argument("--threshold", type=positive_int, default=4, help="Ringmaster's delay threshold R")
-    method.add_argument("--momentum", type=float, default=0.9, help="beta")
+    method.add_argument("--momentum", type=unit_interval, default=0.9, help="beta, in [0, 1)")
     method.add_argument("--batch", type=positive_int, help="Rennala's batch B (default: number of workers)")
-    hetero = parser.add_argument_group("emulated heterogeneity (CPU threads)")
+    hetero = parser.add_argument_group("emulated heterogeneity")
     hetero.add_argument("--profile", default="linear", choices=PROFILES,
-                        help="worker i (1-based) takes at least tau*i (linear), tau*sqrt(i) or tau seconds")
-    hetero.add_argument("--tau", type=nonnegative_float, default=0.05,
-                        help="emulated seconds per gradient of the fastest worker (0: no emulation)")
+                        help="worker i (1-based) takes f(i) = i (linear), sqrt(i) or 1 (constant) times its own "
+                             "measured compute time per gradient")
+    hetero.add_argument("--tau", type=nonnegative_float, default=0.0,
+                        help="also a floor: worker i takes at least tau*f(i) wall seconds per gradient (0: none)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    runtime.add_argument("--torch-threads", type=int, default=1, help="intra-op threads (process-wide)")
+    runtime.add_argument("--torch-threads", type=positive_int, default=1, help="intra-op threads (process-wide)")
+    runtime.add_argument("--worker-niceness", type=int, choices=range(20), default=0, metavar="0..19",
+                         help="run the worker threads this much nicer than the server (Linux): the server "
+                              "waits less for a core, but the workers yield to other processes too")
     runtime.add_argument("--seed", type=nonnegative_int, default=0)
     runtime.add_argument("--hang-timeout", type=positive_float, default=60.0, help="drop a worker silent this long (s)")
-    runtime.add_argument("--checkpoint-every", type=int, help="updates between checkpoints (always one at the end)")
+    runtime.add_argument("--checkpoint-every", type=positive_int, help="updates between checkpoints (always one at the end)")
     runtime.add_argument("--resume", action="store_true", help="continue each method from its checkpoint under --out")
     runtime.add_argument("--fault", action="append", default=[], metavar="WORKER:KIND@JOB",
                          help="inject a fault (raise, hang, nan; kill for remote workers), e.g. 2:raise@5")
@@ -66,12 +73,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="run under torchrun: rank 0 serves, other ranks are workers")
 
 
+def slowdowns(n: int, profile: str) -> list[float]:
+    """``f(i)`` for workers i = 1..n: how many times its own compute time each one takes."""
+    factor = {"linear": float, "sqrt": math.sqrt, "constant": lambda i: 1.0}[profile]
+    return [factor(i) for i in range(1, n + 1)]
+
+
 def compute_times(n: int, profile: str, tau: float) -> list[float | None]:
-    """Emulated seconds per gradient of each worker (``None``: no emulation)."""
+    """Each worker's floor in wall seconds per gradient, ``tau * f(i)`` (``None``: none)."""
     if tau <= 0:
         return [None] * n
-    factor = {"linear": lambda i: float(i), "sqrt": math.sqrt, "constant": lambda i: 1.0}[profile]
-    return [tau * factor(i) for i in range(1, n + 1)]
+    return [tau * f for f in slowdowns(n, profile)]
+
+
+def local_worker(args: argparse.Namespace, device: str, worker: int, n: int, fault=None):
+    """Worker ``worker`` of ``n`` as ``args`` describe it: its slowdown, floor and fault."""
+    from ..runtime.trainer import LocalWorker
+
+    return LocalWorker(device, args.batch_size, args.accum, compute_times(n, args.profile, args.tau)[worker],
+                       slowdown=slowdowns(n, args.profile)[worker], fault=fault)
 
 
 def build_task(args: argparse.Namespace):
@@ -111,7 +131,10 @@ def parse_faults(specs: list[str], n: int) -> dict:
 
     faults = {}
     for spec in specs:
-        worker, fault = Fault.parse(spec)
+        try:
+            worker, fault = Fault.parse(spec)
+        except ValueError as exc:
+            raise ValueError(f"--fault {spec}: {exc}") from None
         if not 0 <= worker < n:
             raise ValueError(f"--fault {spec}: worker must be in [0, {n})")
         if worker in faults:
@@ -138,6 +161,7 @@ def train_methods(args: argparse.Namespace, make_workers, server_device: str) ->
             server_device=server_device, seed=args.seed, hang_timeout=args.hang_timeout,
             checkpoint_path=path, checkpoint_every=args.checkpoint_every,
             log=_log, log_every=args.log_every, eval_every=args.eval_every, torch_threads=args.torch_threads,
+            worker_niceness=args.worker_niceness,
         )
         if args.resume and os.path.exists(path):
             trainer.load_checkpoint(path)
@@ -164,24 +188,50 @@ def report(args: argparse.Namespace, summaries: dict) -> None:
         light = {name: {k: v for k, v in s.items() if k not in ("curve", "evals")} for name, s in summaries.items()}
         print(json.dumps({"machine": result["machine"], "methods": light, "plot": plot_path}, default=str))
         return
-    print(table(summaries))
+    print(table(summaries, args.profile))
     print(f"summary: {os.path.join(args.out, 'summary.json')}  plot: {plot_path}")
 
 
-def table(summaries: dict) -> str:
-    rows = [("method", "loss start", "loss reached", "wall s", "updates", "upd/s", "discard rate", "cancelled",
-             "server us/upd cpu|wall", "lost workers")]
-    for name, s in summaries.items():
-        server = s["server"]
-        overhead = "-" if server["overhead_us_per_update"] is None else \
-            f"{server['overhead_cpu_us_per_update']:.0f} | {server['overhead_us_per_update']:.0f}"
-        rows.append((
-            name, f"{s['initial_loss']:.3f}", f"{s['final_loss']:.3f}", f"{s['wall_time_s']:.1f}", str(s["updates"]),
-            f"{s['updates_per_s']:.1f}", f"{s['discard_rate']:.1%}", str(s["totals"]["cancelled"]),
-            overhead, str(len(s["faults"])),
-        ))
+TABLE_NOTES = """\
+held-out: the task's loss on held-out bytes (nats/byte) at the start and the end of the method's run;
+  train EMA: moving average of the accepted gradients' batch losses (what the progress lines print).
+discarded: share of delivered gradients the method threw away; cancelled: jobs stopped before delivery.
+server us/upd: the server's own cost per update (queue, policy, books; update math and publication
+  excluded). CPU is the server thread's CPU time; wall also counts the time it waited, runnable, for a
+  core or the GIL while {threads} worker threads share {cores} cores, so wall >= CPU.
+s/gradient: a worker's seconds per completed gradient ({profile} profile: f(i) times its own compute)."""
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+
+
+def table(summaries: dict, profile: str = "linear") -> str:
+    """The methods side by side, each worker's achieved speed, and what the columns mean."""
+    rows = [("method", "held-out start", "held-out end", "train EMA", "wall s", "updates", "upd/s", "discarded",
+             "cancelled", "server CPU us/upd", "server wall us/upd", "lost workers")]
+    for name, s in summaries.items():
+        server = s["server"]
+        rows.append((
+            name, _fmt(s["initial_loss"], ".3f"), _fmt(s["final_loss"], ".3f"), _fmt(s["train_loss_ema"], ".3f"),
+            f"{s['wall_time_s']:.1f}", str(s["updates"]), f"{s['updates_per_s']:.1f}", f"{s['discard_rate']:.1%}",
+            str(s["totals"]["cancelled"]), _fmt(server["overhead_cpu_us_per_update"], ".0f"),
+            _fmt(server["overhead_us_per_update"], ".0f"), str(len(s["faults"])),
+        ))
+    workers = [("method", "worker", "slowdown", "s/gradient", "jobs/s", "delivered/s", "accepted")]
+    for name, s in summaries.items():
+        factors = slowdowns(len(s["per_worker"]), profile)
+        for w, f in zip(s["per_worker"], factors):
+            workers.append((name, str(w["worker"]), f"x{f:.2g}", _fmt(w["seconds_per_gradient"], ".3f"),
+                            f"{w['jobs_per_s']:.2f}", f"{w['gradients_per_s']:.2f}", str(w["accepted"])))
+    n = max(s["workers"] for s in summaries.values())
+    notes = TABLE_NOTES.format(threads=n, cores=os.cpu_count(), profile=profile)
+    return f"{_columns(rows)}\n\n{_columns(workers)}\n\n{notes}"
 
 
 def plot(summaries: dict, path: str) -> None:
@@ -212,39 +262,62 @@ def plot(summaries: dict, path: str) -> None:
     plt.close(fig)
 
 
+def worker_count(args: argparse.Namespace) -> int:
+    """Workers of the run: ``--workers``, else one per GPU (at least 2) or 4 CPU threads;
+    under ``--distributed`` one per rank but rank 0 (``WORLD_SIZE - 1``)."""
+    import torch
+
+    if args.distributed:
+        return int(os.environ.get("WORLD_SIZE", "1")) - 1
+    if args.workers:
+        return args.workers
+    return max(2, torch.cuda.device_count()) if _use_cuda(args) else 4
+
+
+def _use_cuda(args: argparse.Namespace) -> bool:
+    import torch
+
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every flag checked before any work; a ValueError names the flag."""
+    import torch
+
+    method_list(args.methods)
+    if args.d_model % args.heads:
+        raise ValueError(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out: cannot create {args.out!r}: {exc.strerror}") from None
+    if not os.access(args.out, os.W_OK):
+        raise ValueError(f"--out: cannot write into {args.out!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is visible")
+    if args.distributed and worker_count(args) < 1:
+        raise ValueError("--distributed needs at least 2 processes (torchrun --nproc-per-node N)")
+    faults = parse_faults(args.fault, worker_count(args))
+    if not args.distributed and any(f.kind == "kill" for f in faults.values()):
+        raise ValueError("--fault: kind 'kill' is for --distributed runs (it would kill this whole process)")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    for name in ("workers", "max_updates", "checkpoint_every"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"ringmaster train: --{name.replace('_', '-')} must be >= 1, got {value}")
-    try:
-        method_list(args.methods)
-        os.makedirs(args.out, exist_ok=True)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"ringmaster train: {exc}") from None
-    from ..runtime.trainer import LocalWorker
-
     if args.distributed:
         return run_distributed(args)
-
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("ringmaster train: --device cuda but no CUDA device is visible")
+    use_cuda = _use_cuda(args)
+    n = worker_count(args)
     gpus = torch.cuda.device_count() if use_cuda else 0
-    n = args.workers or (max(2, gpus) if use_cuda else 4)
     devices = [f"cuda:{i % gpus}" for i in range(n)] if use_cuda else ["cpu"] * n
-    times = compute_times(n, args.profile, args.tau)
+    faults = parse_faults(args.fault, n)
     try:
-        faults = parse_faults(args.fault, n)
-
-        def make_workers():
-            return [LocalWorker(devices[i], args.batch_size, args.accum, times[i], fault=faults.get(i)) for i in range(n)]
-
-        summaries = train_methods(args, make_workers, "cuda:0" if use_cuda else "cpu")
-    except ValueError as exc:
-        raise SystemExit(f"ringmaster train: {exc}") from None
+        summaries = train_methods(
+            args, lambda: [local_worker(args, devices[i], i, n, faults.get(i)) for i in range(n)],
+            "cuda:0" if use_cuda else "cpu")
+    except ValueError as exc:  # e.g. --resume with a checkpoint of another run
+        raise SystemExit(f"{PROG}: error: {exc}") from None
     report(args, summaries)
     return 0 if all(s["stop_reason"] != "interrupted" for s in summaries.values()) else 130
 
@@ -255,19 +328,13 @@ def run_distributed(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from ..runtime import distributed
-    from ..runtime.trainer import LocalWorker
 
     try:
         rank, world = distributed.init_from_env(timeout_s=max(120.0, 2 * args.hang_timeout))
     except ValueError as exc:
-        raise SystemExit(f"ringmaster train: {exc}") from None
-    if world < 2:
-        raise SystemExit("ringmaster train: --distributed needs at least 2 processes (torchrun --nproc-per-node N)")
+        raise SystemExit(f"{PROG}: error: {exc}") from None
     n = world - 1
-    try:
-        faults = parse_faults(args.fault, n)
-    except ValueError as exc:
-        raise SystemExit(f"ringmaster train: {exc}") from None
+    faults = parse_faults(args.fault, n)
     server_device = str(distributed.comm_device())
     if rank == 0:
         summaries = train_methods(args, lambda: [distributed.RemoteWorker(r) for r in range(1, world)], server_device)
@@ -286,8 +353,7 @@ def run_distributed(args: argparse.Namespace) -> int:
     worker = rank - 1
     fault = faults.get(worker)
     kill_at = fault.at_job if fault is not None and fault.kind == "kill" else None
-    body = LocalWorker(server_device, args.batch_size, args.accum, compute_times(n, args.profile, args.tau)[worker],
-                       fault=None if kill_at is not None else fault)
+    body = local_worker(args, server_device, worker, n, None if kill_at is not None else fault)
     distributed.serve(build_task(args), body, worker, args.seed, kill_at_job=kill_at)
     dist.destroy_process_group()
     return 0

@@ -78,6 +78,8 @@ def summary(server: "Server", *, method: str, wall: float, elapsed_total: float,
             "worker": i, "body": repr(body), "status": ws.fate or ws.phase, "jobs": ws.jobs, "pushed": ws.pushed,
             "accepted": ws.accepted, "discarded": ws.discarded, "cancelled": ws.cancelled,
             "gradients_per_s": ws.pushed / wall if wall > 0 else 0.0,
+            "jobs_per_s": ws.jobs / wall if wall > 0 else 0.0,
+            "seconds_per_gradient": ws.compute_s / ws.computed if ws.computed else None,
             "mean_delay": ws.delay_sum / ws.arrivals if ws.arrivals else None, "error": ws.error,
         })
     timing = server.timing

@@ -56,6 +56,8 @@ class WorkerState:
     accepted: int = 0
     discarded: int = 0
     cancelled: int = 0
+    computed: int = 0  # jobs that ran to the end, and their seconds (emulated slowness included)
+    compute_s: float = 0.0
     delay_sum: int = 0
     arrivals: int = 0
     beat: float = 0.0

@@ -100,6 +100,11 @@ class AsyncTrainer:
             CPU each worker thread should compute single-threaded).
         gil_switch_interval: ``sys.setswitchinterval`` during the run (process-wide,
             restored after): bounds how long the server waits for the GIL.
+        worker_niceness: how much lower the worker threads' CPU priority is than the
+            server's (Linux ``nice``, 0..19; 0: equal). With more threads than cores the
+            server waits for a core behind the workers at every record; a lower worker
+            priority cuts that wait, but on a machine other processes load it also cuts
+            the workers' share of the CPU (see benchmarks/server_wall_breakdown.py).
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class AsyncTrainer:
         eval_every: float | None = None,
         torch_threads: int | None = None,
         gil_switch_interval: float = 2e-4,
+        worker_niceness: int = 0,
     ) -> None:
         if not workers:
             raise ValueError("workers must name at least one worker")
@@ -129,6 +135,8 @@ class AsyncTrainer:
         _check_seconds("hang_timeout", hang_timeout)
         _check_seconds("log_every", log_every)
         _check_seconds("eval_every", eval_every)
+        if isinstance(worker_niceness, bool) or not isinstance(worker_niceness, int) or not 0 <= worker_niceness <= 19:
+            raise ValueError(f"worker_niceness must be an int in [0, 19], got {worker_niceness!r}")
         _check_seconds("gil_switch_interval", gil_switch_interval)
         if checkpoint_every is not None and checkpoint_path is None:
             raise ValueError("checkpoint_every needs checkpoint_path")
@@ -147,6 +155,7 @@ class AsyncTrainer:
         self.log, self.log_every, self.eval_every = log, float(log_every), eval_every
         self.torch_threads = torch_threads
         self.gil_switch_interval = float(gil_switch_interval)
+        self.worker_niceness = worker_niceness
 
         torch.manual_seed(self.seed)
         self.model = task.build_model().to(self.server_device)
@@ -256,7 +265,7 @@ class AsyncTrainer:
             self._start = time.monotonic()
             if not self.evals or self.evals[-1][1] != self.version:
                 self.evals.append((self._now(), self.version, self._evaluate()))
-            threads = [threading.Thread(target=worker_main, args=(server, i), name=f"ringmaster-worker-{i}", daemon=True)
+            threads = [threading.Thread(target=worker_main, args=(server, i, self.worker_niceness), name=f"ringmaster-worker-{i}", daemon=True)
                        for i in range(self.n)]
 
             def serve() -> None:

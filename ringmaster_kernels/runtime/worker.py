@@ -19,7 +19,10 @@ own generator.
 from __future__ import annotations
 
 import math
+import os
 import queue as pyqueue
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -269,11 +272,17 @@ class LocalWorker:
 _BEAT_EVERY = 0.1  # seconds between heartbeats of a worker in an emulated sleep
 
 
-def worker_main(server: "Server", i: int) -> None:
+def worker_main(server: "Server", i: int, niceness: int = 0) -> None:
     """Thread body of worker ``i``: set up its body, then run jobs until the run stops.
-    An exception is reported to the server (the worker is lost; the run goes on)."""
+    An exception is reported to the server (the worker is lost; the run goes on).
+    ``niceness`` > 0 lowers this thread's CPU priority (Linux; elsewhere ignored)."""
     ws = server.ws[i]
     body = server.bodies[i]
+    if niceness > 0 and sys.platform == "linux":
+        # With more worker threads than cores the server, woken by a record, waits for a
+        # core behind them; a lower priority for the workers lets it run first. Linux
+        # applies it to this thread only.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     try:
         if body.device.type == "cuda":
             stream = torch.cuda.Stream(body.device)
@@ -321,6 +330,7 @@ def _work(server: "Server", i: int, body: WorkerBody) -> None:
         ws.jobs += 1
         beat()
         ws.phase = "running"
+        started = time.monotonic()
         result = body.compute(job)
         ws.phase = "waiting"
         if stopping.is_set() or ws.fate:
@@ -328,6 +338,8 @@ def _work(server: "Server", i: int, body: WorkerBody) -> None:
         if result is None or job.cancelled():
             ws.cancelled += 1
             continue
+        ws.computed += 1
+        ws.compute_s += time.monotonic() - started
         grad, loss = result
         if not server.deliver(i, version, grad, loss, body.device):
             return
