@@ -304,12 +304,16 @@ class LMOMomentum:
                 raise ValueError(f"state: momentum buffer {i} does not match parameter {i} of shape {tuple(p.shape)}")
         if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state: expected {len(self.param_groups)} param groups")
-        settings = set(_GROUP_KEYS) - {"params"}
-        if not all(isinstance(saved, dict) and set(saved) == settings for saved in saved_groups):
-            raise ValueError(f"state: each saved param group must be a dict of exactly {sorted(settings)}")
+        for saved, group in zip(saved_groups, self.param_groups):
+            settings = set(group) - set(_DERIVED)  # what state_dict saves of a group
+            if not isinstance(saved, dict) or set(saved) != settings:
+                raise ValueError(f"state: each saved param group must be a dict of exactly {sorted(settings)}")
         groups = self._build_groups(
-            [{**saved, "params": group["params"]} for saved, group in zip(saved_groups, self.param_groups)],
-            norm=None, radius=1.0)  # the defaults are unused: a saved group holds every key
+            # the estimator and the step rule are the rule's own (not saved): keep this rule's
+            [{**saved, "params": group["params"], "momentum_estimator": group["estimator"].name,
+              "step_rule": group["rule"].name} for saved, group in zip(saved_groups, self.param_groups)],
+            norm=None, radius=1.0,  # the defaults are unused: a saved group holds every key
+            defaults=dict.fromkeys(("momentum_estimator", "mvr_q", "step_rule", "step_options")))
         self._momentum_buffers = [None if m is None else m.clone().to(p.device) for m, p in zip(buffers, self.params)]
         self.param_groups = groups
         extra = state.get("estimator_state")  # absent in states saved before estimators existed
