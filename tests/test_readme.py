@@ -57,13 +57,16 @@ def test_python_block_runs(line, code, tmp_path, monkeypatch):
 
 @lru_cache(maxsize=None)
 def script_help(script: str) -> str:
-    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """``--help`` of a script path, or of a module given as ``-m name``."""
+    target = ["-m", script[3:]] if script.startswith("-m ") else [script]
+    done = subprocess.run([sys.executable, *target, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{script} --help failed:\n{done.stderr}"
     return done.stdout
 
 
 def check_script(script: str, argv: list[str]) -> None:
-    assert os.path.isfile(os.path.join(ROOT, script)), f"{script} does not exist"
+    path = script[3:].replace(".", "/") + ".py" if script.startswith("-m ") else script
+    assert os.path.isfile(os.path.join(ROOT, path)), f"{script} does not exist"
     own = argv[:argv.index("--")] if "--" in argv else argv  # after "--": NanoChat's own flags
     flags = {arg.split("=", 1)[0] for arg in own if arg.startswith("--")}
     help_text = script_help(script)
@@ -100,6 +103,8 @@ def test_shell_command_exists(line, command, tmp_path, monkeypatch):
             check_cli(rest[2:])
         elif rest[:2] == ["-m", "pytest"]:
             assert all(os.path.exists(os.path.join(ROOT, p)) for p in rest[2:] if not p.startswith("-")), command
+        elif rest[0] == "-m":
+            check_script(f"-m {rest[1]}", rest[2:])  # a module of this package run as a program
         else:
             check_script(rest[0], rest[1:])
     else:
