@@ -109,3 +109,32 @@ def test_cli_hetero_data_table_and_plot(capsys, tmp_path):
     rows = {line.split()[0]: line for line in out.splitlines()[2:4]}
     assert rows["asgd"].endswith("bias point") and rows["ringleader"].endswith("stationary point of f")
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method, key, bad", [
+    ("ringleader", "sums", [[torch.zeros(5)], None]),
+    ("ringleader", "counts", [1, -1]),
+    ("ringleader", "alive", [True]),
+    ("ringleader", "buffer", [None]),
+    ("ringleader", "buffer_counts", [0.5, 0]),
+    ("ringleader", "updated", [1, 0]),
+    ("malenia", "sums", ["x", None]),
+    ("rescaled_asgd", "time_sum", [1.0, float("nan")]),
+    ("rescaled_asgd", "time_count", [1.0]),
+])
+def test_a_damaged_state_is_refused_before_anything_changes(method, key, bad):
+    def build():
+        return make_policy(method, [torch.zeros(2, dtype=torch.float64)], num_workers=2, lr=0.1)
+
+    pol = build()
+    for w in (0, 1, 0):
+        pol.on_gradient(w, pol.version, torch.ones(2, dtype=torch.float64))
+    state = pol.state_dict()
+    state[key] = bad
+    fresh = build()
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match=key):
+        fresh.load_state_dict(state)
+    after = fresh.state_dict()
+    assert fresh.counters() == before["counters"]
+    assert after[key] == before[key]  # a fresh policy's tables hold no tensors: plain equality holds

@@ -28,6 +28,7 @@ remaining workers equally.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -54,6 +55,29 @@ def _mean_of_means(sums: Sequence[list[torch.Tensor] | None], counts: np.ndarray
     for o in out:
         o.div_(len(workers))
     return out
+
+
+def _check_per_worker(state: dict[str, Any], key: str, n: int, kind: type) -> None:
+    """``state[key]``: n finite values >= 0 of ``kind`` (``bool`` for flags), before anything changes."""
+    values = state[key]
+    ok = isinstance(values, (list, tuple)) and len(values) == n and all(
+        isinstance(v, bool) if kind is bool else
+        (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+         and (kind is float or float(v).is_integer()))
+        for v in values)
+    if not ok:
+        raise ValueError(f"state: {key} must hold {n} {'flags' if kind is bool else 'finite numbers >= 0'}, one per worker")
+
+
+def _check_gradient_table(state: dict[str, Any], key: str, params: Sequence[torch.Tensor], n: int) -> None:
+    """``state[key]``: per worker, None or one floating tensor per parameter, of its shape."""
+    table = state[key]
+    if not isinstance(table, (list, tuple)) or len(table) != n or not all(
+        entry is None or (isinstance(entry, (list, tuple)) and len(entry) == len(params) and all(
+            isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == p.shape for t, p in zip(entry, params)))
+        for entry in table
+    ):
+        raise ValueError(f"state: {key} must hold, per worker, None or one tensor per parameter of its shape")
 
 
 class RescaledASGD(Policy):
@@ -110,6 +134,11 @@ class RescaledASGD(Policy):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "time_sum": self.time_sum.tolist(), "time_count": self.time_count.tolist()}
 
+    def _check_state(self, state: dict[str, Any]) -> None:
+        super()._check_state(state)
+        _check_per_worker(state, "time_sum", self.num_workers, float)
+        _check_per_worker(state, "time_count", self.num_workers, float)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.time_sum, self.time_count = np.array(state["time_sum"]), np.array(state["time_count"])
@@ -133,6 +162,13 @@ class _Tables(Policy):
     def state_dict(self) -> dict[str, Any]:
         copy = [None if s is None else [t.clone() for t in s] for s in self.sums]
         return {**super().state_dict(), "sums": copy, "counts": self.counts.tolist(), "alive": self.alive.tolist()}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        super()._check_state(state)
+        n = self.num_workers
+        _check_gradient_table(state, "sums", self.params, n)
+        _check_per_worker(state, "counts", n, int)
+        _check_per_worker(state, "alive", n, bool)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -182,6 +218,13 @@ class Ringleader(_Tables):
         buffer = [None if s is None else [t.clone() for t in s] for s in self.buffer]
         return {**super().state_dict(), "buffer": buffer, "buffer_counts": self.buffer_counts.tolist(),
                 "updated": self.updated.tolist()}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        super()._check_state(state)
+        n = self.num_workers
+        _check_gradient_table(state, "buffer", self.params, n)
+        _check_per_worker(state, "buffer_counts", n, int)
+        _check_per_worker(state, "updated", n, bool)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
