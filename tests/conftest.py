@@ -37,6 +37,19 @@ def tiles(request, monkeypatch):
 
 
 @pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test. ``_thread.interrupt_main`` (our Ctrl-C)
+    does nothing when SIGINT is not handled by Python, and a shell starts background jobs
+    with SIGINT ignored (e.g. `make test &`), which Python then keeps: without this such
+    a run would wait for a Ctrl-C that never comes."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def kernel_device() -> torch.device:
     return KERNEL_DEVICE
 

@@ -215,7 +215,7 @@ def test_checkpoint_resume_continues_the_run(tmp_path):
         linear_trainer(workers(), "sync").load_checkpoint(path)
 
 
-def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path):
+def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path, python_sigint):
     path = tmp_path / "ck.pt"
     trainer = linear_trainer([LocalWorker(batch_size=4, compute_time=0.01) for _ in range(2)], checkpoint_path=path)
     timer = threading.Timer(1.0, _thread.interrupt_main)  # Ctrl-C, delivered to the main thread
