@@ -1,5 +1,7 @@
 """Time to target measured honestly: sustained vs first touch, seed aggregation, early cuts, the scale guard."""
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -96,6 +98,16 @@ def test_scale_guard_hands_out_values_only_at_their_scale():
     assert ex.TUNED.scale["workers"] == 6174 and ex.TUNED.scale["dim"] == 1729 and ex.TUNED.scale["horizon"] == 2000
 
 
+def test_stored_values_are_what_the_recorded_tuning_chose_at_that_scale():
+    # benchmarks/simulator/paper_quadratic.json is the run that chose them (RESULTS.md quotes it)
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "simulator", "paper_quadratic.json")
+    with open(path) as f:
+        recorded = json.load(f)
+    assert recorded["scale"] == json.loads(json.dumps(ex.TUNED.scale))
+    assert recorded["tune_seed"] == ex.TUNED.tune_seed and recorded["tune_seed"] not in recorded["seeds"]
+    assert {m: t["best"] for m, t in recorded["tuning"].items()} == ex.TUNED.params
+
+
 def test_speedup_is_exact_a_lower_bound_or_missing():
     rec = lambda t, cut=None: {"time_to_target": t, "cut_off": cut}  # noqa: E731
     assert ex.speedup(rec(10.0), rec(30.0), horizon=100) == {"value": 3.0, "bound": "exact"}
@@ -103,3 +115,30 @@ def test_speedup_is_exact_a_lower_bound_or_missing():
     assert ex.speedup(rec(10.0), rec(None), horizon=100) == {"value": 10.0, "bound": "at_least"}
     assert ex.speedup(rec(10.0), rec(None, cut=40.0), horizon=100) == {"value": 4.0, "bound": "at_least"}
     assert ex.speedup(rec(None), rec(30.0), horizon=100) == {"value": None, "bound": "missing"}
+
+
+def test_refine_grid_takes_half_steps_around_the_best_and_keeps_flags():
+    grid = ex.refine_grid({"lr": 0.2, "threshold": 2, "stops": False})
+    lrs = sorted({p["lr"] for p in grid})
+    assert lrs == pytest.approx([0.2 / 5**0.5, 0.2, 0.2 * 5**0.5])
+    assert sorted({p["threshold"] for p in grid}) == [1, 2, 3]
+    assert all(p["stops"] is False for p in grid)
+    assert sorted({p["threshold"] for p in ex.refine_grid({"lr": 1.0, "threshold": 32})}) == [16, 32]
+    assert [p["lr"] for p in ex.refine_grid({"lr": 1.0})] == pytest.approx([5**-0.5, 1.0, 5**0.5])
+
+
+def test_refined_tuning_runs_each_new_point_once_and_can_only_improve():
+    exp = ex.QuadraticExperiment(workers=16, dim=16, horizon=100, target=1e-1)
+    grid = [{"lr": lr, "threshold": 2} for lr in (0.2, 1.0)]
+    coarse = ex.tune(exp, ("ringmaster",), seed=0, grids={"ringmaster": grid})["ringmaster"]
+    fine = ex.tune(exp, ("ringmaster",), seed=0, grids={"ringmaster": grid}, refine=True)["ringmaster"]
+    params = [r["params"] for r in fine["grid"]]
+    assert len(params) == len({(round(p["lr"], 12), p["threshold"]) for p in params})  # no point twice
+    assert len(params) > len(grid)
+    expected = {(round(p["lr"], 12), p["threshold"]) for p in ex.refine_grid(coarse["best"])} | \
+        {(round(p["lr"], 12), p["threshold"]) for p in grid}
+    assert {(round(p["lr"], 12), p["threshold"]) for p in params} == expected
+    score = {(round(r["params"]["lr"], 12), r["params"]["threshold"]): ex.score(r) for r in fine["grid"]}
+    best_fine = score[(round(fine["best"]["lr"], 12), fine["best"]["threshold"])]
+    assert best_fine <= score[(round(coarse["best"]["lr"], 12), coarse["best"]["threshold"])]
+    assert best_fine == min(score.values())

@@ -10,6 +10,7 @@ import torch
 
 from ringmaster_kernels.cli import main
 from ringmaster_kernels.optim.policies import make_policy
+from ringmaster_kernels.runtime import experiments as ex
 from ringmaster_kernels.runtime.experiments import QuadraticExperiment, muon_vector_gain
 from ringmaster_kernels.runtime.objectives import LeastSquares, ModuleObjective, TridiagonalQuadratic
 from ringmaster_kernels.runtime.simulator import Simulation, simulate
@@ -387,6 +388,17 @@ def test_cli_quadratic_json(capsys):
             if run["time_to_target"] is not None:
                 assert run["first_hit"] <= run["time_to_target"]
     assert set(out["tuning"]) == set(out["methods"])
+
+
+def test_cli_fine_tuning_adds_half_steps_around_the_paper_grid_best(capsys):
+    rc = main(["simulate", "quadratic", "--workers", "16", "--dim", "16", "--horizon", "40", "--json", "--target", "1e-1",
+               "--tune", "--tune-grid", "fine", "--method", "ringmaster_pa", "--seeds", "1"])
+    assert rc == 0
+    tuning = json.loads(capsys.readouterr().out)["tuning"]["ringmaster_pa"]
+    exponents = [math.log(r["params"]["lr"], 5) for r in tuning["grid"]]
+    half = [e for e in exponents if abs(e - round(e)) > 0.25]
+    assert len(half) == 2 and len(exponents) == len(ex.grid_for("ringmaster_pa")) + 2
+    assert all(min(abs(h - e) for e in exponents if abs(e - round(e)) < 0.25) == pytest.approx(0.5) for h in half)
 
 
 def test_cli_refuses_values_tuned_at_another_scale(capsys):

@@ -7,9 +7,9 @@ the first hit, the final value and the median over the last quarter; ``--json`` 
 per-seed records and the aggregates; ``--plot`` draws the median curve with a min-max
 band. Step sizes come from values tuned at this exact scale (any other scale is refused
 with a message naming the scale they came from), from ``--lr``/``--threshold``/``--batch``,
-or from ``--tune``, which searches the paper's grid (``--tune-grid local``: a 12-point grid
-around the stored values, the cheap budget) on ``--tune-seed``, never one of the reported
-seeds. ``sweep`` reports Ringmaster's speed-up (sustained metric, median and IQR over
+or from ``--tune``, which searches the paper's grid (``--tune-grid fine``: then half-steps
+around its best; ``--tune-grid local``: a 12-point grid around the stored values, the cheap
+budget) on ``--tune-seed``, never one of the reported seeds. ``sweep`` reports Ringmaster's speed-up (sustained metric, median and IQR over
 seeds) over synchronous LMO and over the best other baseline at each heterogeneity level.
 Progress goes to stderr (tqdm). Both take faults: ``--outlier WORKER:FACTOR`` (a
 straggler) and ``--die WORKER@TIME`` (a worker lost in virtual time), each repeatable,
@@ -45,8 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quad.add_argument("--stops", action=argparse.BooleanOptionalAction, default=None,
                       help="Ringmaster's stops (cancel jobs whose delay reached R) on or off (default: on)")
     quad.add_argument("--tune", action="store_true", help="grid-search every method on --tune-seed first")
-    quad.add_argument("--tune-grid", choices=("paper", "local"), default="paper",
-                      help="the tuning budget: the paper's grid, or 12 points around the stored values")
+    quad.add_argument("--tune-grid", choices=("paper", "fine", "local"), default="paper",
+                      help="the tuning budget: the paper's grid (step sizes over powers of 5); fine: that, then "
+                           "half-steps (x 5^±1/2) and neighbouring R/B around its best; local: 12 points around "
+                           "the stored values")
     quad.add_argument("--jobs", type=nonnegative_int, default=1,
                       help="worker processes for independent runs (0: one per CPU core; each pays a torch import)")
     from . import _hetero
@@ -236,10 +238,10 @@ def _run_one(exp, method, params, seed):
     return {**exp.summary(trace), "wall_s": trace.wall_s}, (times, values)
 
 
-def _tune_one(exp, method, grid, anchors, seed):
+def _tune_one(exp, method, grid, anchors, seed, refine=False):
     from ..runtime import experiments as ex
 
-    return ex.tune(exp, (method,), seed=seed, grids={method: grid}, anchors=anchors)[method]
+    return ex.tune(exp, (method,), seed=seed, grids={method: grid}, anchors=anchors, refine=refine)[method]
 
 
 def _quadratic(args, ex, exp, methods, params, overrides, seeds) -> int:
@@ -260,7 +262,9 @@ def _quadratic(args, ex, exp, methods, params, overrides, seeds) -> int:
         # the stored values, so a re-run reproduces the grid tables cell for cell
         # flags that are not tuned (--no-stops) hold in every tuning run too
         fixed = {m: {k: v for k, v in overrides.items() if k in METHODS[m][2]} for m in methods}
-        jobs = [(_tune_one, (exp, m, [{**p, **fixed[m]} for p in grids[m]], None, args.tune_seed)) for m in methods]
+        refine = args.tune_grid == "fine"
+        jobs = [(_tune_one, (exp, m, [{**p, **fixed[m]} for p in grids[m]], None, args.tune_seed, refine))
+                for m in methods]
         tuning = dict(zip(methods, _runner(args.jobs, "tune")(jobs)))
         for m in methods:
             params[m] = tuning[m]["best"]
