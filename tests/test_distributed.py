@@ -1,4 +1,5 @@
-"""Several processes on Gloo: rank 0 serves, two heterogeneous remote workers, one killed.
+"""Several processes on Gloo: rank 0 serves, two heterogeneous remote workers, one killed;
+and remote MVR/HCM jobs (both versions out, gradient and extra back).
 
 The ranks are started directly with the torchrun environment variables (torchrun's own
 agent stops every rank as soon as one dies, which is the opposite of what this checks).
