@@ -1,4 +1,5 @@
-"""Several processes on Gloo: rank 0 serves, two heterogeneous remote workers, one killed.
+"""Several processes on Gloo: rank 0 serves, two heterogeneous remote workers, one killed;
+and remote MVR/HCM jobs (both versions out, gradient and extra back).
 
 The ranks are started directly with the torchrun environment variables (torchrun's own
 agent stops every rank as soon as one dies, which is the opposite of what this checks).
@@ -27,14 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, argv: list[str], tmp_path) -> list[tuple[int, str]]:
+def launch(world: int, argv: list[str], tmp_path, command: tuple[str, ...] = ("-m", "ringmaster_kernels.cli")
+           ) -> list[tuple[int, str]]:
+    """Start ``world`` ranks of ``python COMMAND ARGV`` (bounded waits); [(return code, log)]."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     procs = []
     try:
         for rank in range(world):
             log = open(tmp_path / f"rank{rank}.log", "w")
-            procs.append((subprocess.Popen([sys.executable, "-m", "ringmaster_kernels.cli", *argv], cwd=ROOT,
+            procs.append((subprocess.Popen([sys.executable, *command, *argv], cwd=ROOT,
                                            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                                            stdout=log, stderr=subprocess.STDOUT), log))
         results = []
@@ -79,6 +82,94 @@ def test_gloo_server_two_heterogeneous_workers_cancels_and_a_killed_worker(tmp_p
     sync = methods["sync"]
     assert [w["status"] for w in sync["per_worker"]] == ["stopped", "dead"]
     assert sync["totals"]["cancelled"] == 0 and sync["updates"] > 10 and sync["accounting_ok"]
+
+
+JOBS_SCRIPT = """
+import json, sys
+import torch
+from ringmaster_kernels.runtime import distributed
+from ringmaster_kernels.runtime.server import Server
+from ringmaster_kernels.runtime.trainer import AsyncTrainer, LocalWorker
+
+
+class Task:
+    # c/2 ||w||^2 + <z, w>, a fresh z per batch: on ONE batch, g(x) - g(x') = H d = c (x - x')
+    c = 3.0
+    estimator = None
+
+    def build_model(self):
+        return torch.nn.Linear(4, 1, bias=False)
+
+    def group_of(self, name):
+        return {"norm": "l2", "momentum_estimator": self.estimator}
+
+    def sample(self, batch_size, generator, device):
+        return torch.randn(4, generator=generator).to(device)
+
+    def loss(self, model, z):
+        w = model.weight.reshape(-1)
+        return 0.5 * self.c * (w * w).sum() + (z * w).sum()
+
+    def evaluate(self, model):
+        return float((model.weight.detach() ** 2).sum())
+
+
+rank, world = distributed.init_from_env(timeout_s=60)
+task = Task()
+if rank:
+    distributed.serve(task, LocalWorker(batch_size=1, compute_time=0.003 * rank), rank - 1, seed=0)
+    distributed.dist.destroy_process_group()
+    sys.exit(0)
+published, delivered = {}, []
+publish, deliver = Server.publish, Server.deliver
+
+def spy_publish(self):
+    publish(self)
+    published[self.published[0]] = self.published[1].clone()
+
+def spy_deliver(self, worker, version, grad, loss, device):
+    delivered.append((version, grad.clone()))
+    return deliver(self, worker, version, grad, loss, device)
+
+Server.publish, Server.deliver = spy_publish, spy_deliver
+results = {}
+for estimator in sys.argv[1].split(","):
+    task.estimator = estimator
+    published.clear()
+    delivered.clear()
+    trainer = AsyncTrainer(task, [distributed.RemoteWorker(r) for r in range(1, world)], "ringmaster",
+                           {"lr": 0.05, "threshold": 3, "momentum": 0.9}, torch_threads=1)
+    summary = trainer.run(max_updates=15, max_time=60)
+    errors, moved, n = [], 0, 4
+    for v, grad in delivered:
+        x, prev = published[v][:n], published[v][n:]
+        extra = grad[:n] - grad[n:] if estimator.startswith("mvr") else grad[n:]
+        errors.append(float((extra - task.c * (x - prev)).abs().max()))
+        moved += bool((x != prev).any())
+    results[estimator] = {"updates": summary["updates"], "sizes": sorted({g.numel() for _, g in delivered}),
+                          "delivered": len(delivered), "moved": moved, "max_error": max(errors),
+                          "accounting_ok": summary["accounting_ok"], "totals": summary["totals"],
+                          "lost": [w["status"] for w in summary["per_worker"] if w["status"] in ("dead", "dropped")]}
+distributed.send_exit(list(range(1, world)))
+distributed.dist.destroy_process_group()
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_remote_workers_serve_mvr_and_hcm_jobs(tmp_path):
+    """Both versions travel to the worker rank and 2 x numel values come back: the extra half
+    is the gradient at the previous version (MVR) or H d (HCM), exactly c d on this task."""
+    script = tmp_path / "jobs.py"
+    script.write_text(JOBS_SCRIPT)
+    estimators = ("mvr1", "hcm1", "hcm2")
+    (rc0, log0), (rc1, log1), (rc2, log2) = launch(3, [",".join(estimators)], tmp_path, command=(str(script),))
+    assert (rc0, rc1, rc2) == (0, 0, 0), log0 + log1 + log2
+    results = json.loads(log0.split("RESULTS ", 1)[1])
+    for estimator in estimators:
+        r = results[estimator]
+        assert r["updates"] == 15 and r["accounting_ok"] and r["lost"] == [], r
+        assert r["sizes"] == [8] and r["delivered"] >= 15 and r["moved"] >= 8, r  # [g, e] per job, d mostly nonzero
+        assert r["max_error"] < 1e-5, r
 
 
 def test_bad_arguments():

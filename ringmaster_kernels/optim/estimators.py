@@ -294,6 +294,18 @@ def extra_for(estimator: Estimator, extras: dict[str, list[torch.Tensor]], i: in
 
 
 # ---------------------------------------------------------------------- asynchronous jobs
+# what a worker job may return besides its gradient (an update rule's ``job``), as the
+# simulator's objectives, the threaded runtime's workers and remote workers name it
+JOBS = (PREVIOUS_GRADIENT, f"{HVP}:current", f"{HVP}:random")
+
+
+def check_job(job: str | None, where: str) -> str | None:
+    """``job`` if it is None or one of :data:`JOBS`; ValueError naming ``where`` otherwise."""
+    if job is not None and job not in JOBS:
+        raise ValueError(f"{where}: job must be None or one of {JOBS}, got {job!r}")
+    return job
+
+
 def job_of(estimator: Estimator) -> str | None:
     """What a worker job must return besides the gradient: None, ``"previous_gradient"``,
     ``"hvp:current"`` or ``"hvp:random"``."""

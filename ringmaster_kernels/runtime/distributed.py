@@ -8,20 +8,26 @@ receives the gradient back, then pushes the record into the same queue. The serv
 the policy cannot tell a remote worker from a local one.
 
 Protocol, per job, on the (0, r) pair: rank 0 sends a header ``[JOB, version, job index,
-session]`` (float64) and the flat parameters; rank r answers ``[loss, cancelled]`` and,
-unless the job was cancelled, the flat gradient. Cancellations (the stops variant) travel
-on their own tag: ``[session, cancel_before]`` from the server thread, read on rank r by a
-listener thread that the job checks between micro-steps and while it sleeps. Versions
-restart with every trainer (one per method), hence the session: a new one voids older
-thresholds. A header ``[EXIT, 0, 0, 0]`` (and ``[-1, 0]`` on the cancel tag, for the
-listener) ends rank r's loop. A rank that dies breaks its pair's next send/recv; its
-proxy thread raises, the trainer reports the worker dead and the run goes on.
+session, extra]`` (float64; ``extra`` codes the job's ``Job.extra``: 0 for none, else 1 +
+its index in ``estimators.JOBS``) and the flat parameters, then, for a job with an extra
+(MVR and HCM estimators), the flat previous version; rank r answers ``[loss, cancelled]``
+and, unless the job was cancelled, the flat gradient, followed for a job with an extra by
+the extra (``2 * numel`` values: the gradient at the previous version or the
+Hessian-vector product, computed by the same :class:`LocalWorker` code as on threads).
+Cancellations (the stops variant) travel on their own tag: ``[session, cancel_before]``
+from the server thread, read on rank r by a listener thread that the job checks between
+micro-steps and while it sleeps. Versions restart with every trainer (one per method),
+hence the session: a new one voids older thresholds. A header ``[EXIT, 0, 0, 0, 0]`` (and
+``[-1, 0]`` on the cancel tag, for the listener) ends rank r's loop. A rank that dies
+breaks its pair's next send/recv; its proxy thread raises, the trainer reports the worker
+dead and the run goes on.
 
-Limits: remote data streams are not checkpointed; a rank that hangs is dropped by the
-server but its process is left for the launcher to kill. torchrun's agent stops every
-rank it launched as soon as one fails; to keep going past a dead worker, start the ranks
-with the same environment variables but without the agent (as tests/test_distributed.py
-does).
+Limits: remote workers' state is not checkpointed (their data streams, and hcm2's
+generator of ``s``: a resumed run starts them afresh from the seed); a rank that hangs is
+dropped by the server but its process is left for the launcher to kill. torchrun's agent
+stops every rank it launched as soon as one fails; to keep going past a dead worker, start
+the ranks with the same environment variables but without the agent (as
+tests/test_distributed.py does).
 """
 from __future__ import annotations
 
@@ -38,11 +44,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..optim.estimators import JOBS, check_job
 from .layout import FlatLayout, param_layout
 from .worker import Job, LocalWorker
 
 JOB, EXIT = 1.0, 0.0
 CANCEL_TAG = 1  # jobs and answers use tag 0
+HEADER = 5  # JOB or EXIT, version, job index, session, extra code
 _sessions = itertools.count(1)  # one per RemoteWorker, increasing across trainers
 
 
@@ -107,7 +115,8 @@ class RemoteWorker:
 
     def setup(self) -> None:
         self.reply = torch.zeros(2, dtype=torch.float64, device=self.device)
-        self.grad = torch.empty(self.trainer.layout.numel, device=self.device)
+        self.numel = self.trainer.layout.numel
+        self._results: dict[int, torch.Tensor] = {}  # the received result, by halves (1 or 2)
         # Cancellations are sent from a thread of their own: a send to a stopped or hung
         # rank blocks until the process group's timeout, and the server (which decides
         # cancellations and checks workers' health) must never wait on it.
@@ -134,21 +143,29 @@ class RemoteWorker:
             cancels.put(None)
 
     def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
-        if job.previous is not None:  # the wire protocol carries one parameter vector and one gradient
-            raise ValueError("MVR jobs (the gradient at the previous version too) run on local workers only")
+        code = extra_code(job.extra)
+        if code and job.previous is None:
+            raise ValueError(f"job.previous: a {job.extra!r} job needs the version before its own")
         if job.ready is not None:
             torch.cuda.current_stream().wait_event(job.ready)
-        header = torch.tensor([JOB, job.version, job.index, self.session], dtype=torch.float64, device=self.device)
+        header = torch.tensor([JOB, job.version, job.index, self.session, code], dtype=torch.float64,
+                              device=self.device)
         dist.send(header, dst=self.rank)
         dist.send(job.params.to(self.device), dst=self.rank)
+        if code:
+            dist.send(job.previous.to(self.device), dst=self.rank)
         dist.recv(self.reply, src=self.rank)
         job.beat()
         loss, cancelled = self.reply.tolist()
         if cancelled:
             return None
-        dist.recv(self.grad, src=self.rank)
+        halves = 2 if code else 1
+        if halves not in self._results:
+            self._results[halves] = torch.empty(halves * self.numel, device=self.device)
+        result = self._results[halves]
+        dist.recv(result, src=self.rank)
         job.beat()
-        return self.grad, loss
+        return result, loss
 
     def interrupt(self, cancel_before: int) -> None:
         """Cancel the remote job if it started at a version below ``cancel_before``
@@ -162,10 +179,15 @@ class RemoteWorker:
         pass
 
 
+def extra_code(extra: str | None) -> int:
+    """A job's ``extra`` on the wire: 0 for None, else 1 + its index in ``estimators.JOBS``."""
+    return 0 if check_job(extra, "job.extra") is None else 1 + JOBS.index(extra)
+
+
 def send_exit(ranks: list[int]) -> list[int]:
     """Tell each rank's worker loop to end; returns the ranks that could not be told."""
     failed = []
-    header = torch.tensor([EXIT, 0.0, 0.0, 0.0], dtype=torch.float64, device=comm_device())
+    header = torch.tensor([EXIT] + [0.0] * (HEADER - 1), dtype=torch.float64, device=comm_device())
     stop_listener = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=comm_device())
     for rank in ranks:
         try:
@@ -201,7 +223,8 @@ class _CancelListener:
                 self.before = max(self.before, before)
             self.signal.set()
 
-    def job(self, worker: int, index: int, version: int, session: int, params: torch.Tensor) -> Job:
+    def job(self, worker: int, index: int, version: int, session: int, params: torch.Tensor,
+            extra: str | None = None, previous: torch.Tensor | None = None) -> Job:
         """A :class:`Job` whose ``cancelled``/``sleep_until`` follow this listener."""
         self.signal.clear()
 
@@ -218,7 +241,7 @@ class _CancelListener:
             return False
 
         return Job(worker, index, version, params, None, cancelled=cancelled, beat=lambda: None, sleep_until=sleep_until,
-                   abandoned=lambda: self.exiting)
+                   abandoned=lambda: self.exiting, extra=extra, previous=previous)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -245,8 +268,9 @@ def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | No
     workers = dist.get_world_size() - 1 if num_workers is None else num_workers
     body.bind(_WorkerContext(task, layout, seed, workers), worker)
     body.setup()
-    header = torch.zeros(4, dtype=torch.float64, device=device)
-    params = torch.empty(layout.numel, device=device)
+    header = torch.zeros(HEADER, dtype=torch.float64, device=device)
+    current = torch.empty(layout.numel, device=device)
+    previous = None  # allocated at the first MVR/HCM job
     listener = _CancelListener(device)
     sent = 0
     while True:
@@ -254,11 +278,18 @@ def serve(task, body: LocalWorker, worker: int, seed: int, kill_at_job: int | No
         if header[0].item() == EXIT:
             listener.join(timeout=10.0)
             return sent
-        version, index, session = (int(v) for v in header[1:].tolist())
-        dist.recv(params, src=0)
+        version, index, session, code = (int(v) for v in header[1:].tolist())
+        if not 0 <= code <= len(JOBS):
+            raise ValueError(f"rank 0 sent a job with extra code {code}; this worker knows 0..{len(JOBS)}")
+        extra = JOBS[code - 1] if code else None
+        dist.recv(current, src=0)
+        if extra is not None:
+            previous = torch.empty_like(current) if previous is None else previous
+            dist.recv(previous, src=0)
         if kill_at_job is not None and index == kill_at_job:
             os.kill(os.getpid(), signal.SIGKILL)
-        result = body.compute(listener.job(worker, index, version, session, params))
+        result = body.compute(listener.job(worker, index, version, session, current, extra,
+                                           None if extra is None else previous))
         if result is None:
             dist.send(torch.tensor([math.nan, 1.0], dtype=torch.float64, device=device), dst=0)
             continue

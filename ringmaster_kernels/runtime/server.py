@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..optim.estimators import check_job
 from ..optim.policies import Decision, Policy
 from ..queue import GradientQueue, QueueClosed
 from .layout import FlatLayout
@@ -110,12 +111,10 @@ class Server:
         capacity = 1 << max(1, (num_slots - 1).bit_length())
         self.queue = GradientQueue(capacity, num_slots, self.n)
         self.queue.set_version(policy.version)
-        # An MVR rule's jobs return the gradients at their version and at the one before
-        # (2 x numel per slot); HCM's Hessian-vector products are served by the simulator only.
-        self.job: str | None = getattr(policy.rule, "job", None)
-        if self.job not in (None, "previous_gradient"):
-            raise ValueError(f"the threaded runtime serves MVR jobs ('previous_gradient'), not {self.job!r}; "
-                             "run HCM estimators under the simulator (runtime/simulator.py)")
+        # An MVR or HCM rule's jobs return the gradient at their version and, on the same
+        # batches, the gradient at the version before or a Hessian-vector product
+        # (2 x numel per slot); they read both versions from one published snapshot.
+        self.job: str | None = check_job(getattr(policy.rule, "job", None), "policy.rule.job")
         self.rule_order = list(rule_order)
         halves = 1 if self.job is None else 2
         self.slots = torch.empty(num_slots, halves * layout.numel, device=self.device)
@@ -157,8 +156,8 @@ class Server:
         self.published = (self.policy.version, snapshot, ready)
 
     def _snapshot(self) -> torch.Tensor:
-        """The flat parameters, followed for an MVR rule by its previous copy (the rule keeps
-        it, in rule order: checkpoints carry it) laid out as the master."""
+        """The flat parameters, followed for an MVR/HCM rule by its previous copy (the rule
+        keeps it, in rule order: checkpoints carry it) laid out as the master."""
         if self.job is None:
             return self.master.clone()
         snapshot = torch.empty(2 * self.layout.numel, device=self.device)

@@ -352,7 +352,7 @@ class AsyncTrainer:
         else:
             params = self.master
         with torch.no_grad():
-            self._eval_flat.copy_(params[: self.layout.numel])  # an MVR snapshot also holds the previous version
+            self._eval_flat.copy_(params[: self.layout.numel])  # an MVR/HCM snapshot also holds the previous version
             was_training = self.eval_model.training
             self.eval_model.eval()
             try:

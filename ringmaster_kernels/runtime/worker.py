@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
+from ..optim.estimators import check_job
+from .objectives import gradient_and_hvp, twice_differentiable
+
 if TYPE_CHECKING:
     from .server import Server
 
@@ -76,9 +79,11 @@ class Job:
     beat: Callable[[], None]
     sleep_until: Callable[[float], bool]  # False if woken early (cancel or stop)
     abandoned: Callable[[], bool] = lambda: False  # the run stops or gave up on this worker
-    # an MVR job's previous version (flat, read-only): the gradient there on the same
-    # batches follows the gradient at ``params`` in the result (``2 * numel`` values)
-    previous: torch.Tensor | None = None
+    # what the job returns besides the gradient at ``params`` (an update rule's ``job``, one
+    # of ``estimators.JOBS``): the gradient at ``previous`` (MVR) or a Hessian-vector
+    # product (HCM), on the same batches, after it in the result (``2 * numel`` values)
+    extra: str | None = None
+    previous: torch.Tensor | None = None  # the version before ``version`` (flat, read-only)
 
 
 class WorkerBody(Protocol):
@@ -86,7 +91,8 @@ class WorkerBody(Protocol):
 
     ``bind(context, worker)`` gives the body what it needs of the run: ``context.task``,
     ``context.layout``, ``context.seed`` and ``context.num_workers``.
-    ``compute`` returns ``(flat gradient, loss)``, or ``None`` for a job abandoned
+    ``compute`` returns ``(flat gradient, loss)`` (for a job with ``extra``, the gradient
+    followed by the extra: ``2 * numel`` values), or ``None`` for a job abandoned
     because ``job.cancelled()`` became true. A body that computes out of this process
     may also define ``interrupt(cancel_before)``: the server calls it when the running
     job is cancelled (local bodies see ``job.cancelled()`` and wake from ``sleep_until``),
@@ -138,8 +144,32 @@ def open_stream(task: Any, worker: int, num_workers: int, batch_size: int, devic
     return SampledStream(task, batch_size, device, seed * 1_000_003 + worker + 1)
 
 
+# One job as passes over the same micro-batches, per ``Job.extra``: (point, product) with
+# point "current" (x_v), "previous" (x_{v-1}) or "random" (x_{v-1} + s d, d = x_v - x_{v-1})
+# and product "gradient" (backward), "hvp" (H d by double backward, the gradient there
+# unused) or "both" (the gradient and H d from one forward, with the gradient's graph).
+_PASSES = {
+    None: (("current", "gradient"),),
+    "previous_gradient": (("current", "gradient"), ("previous", "gradient")),
+    "hvp:current": (("current", "both"),),
+    "hvp:random": (("current", "gradient"), ("random", "hvp")),
+}
+# emulated cost of one micro-step of each product, in gradients (see LocalWorker's compute_time)
+_UNITS = {"gradient": 1, "hvp": 1, "both": 2}
+
+
 class LocalWorker:
     """A worker in this process: a CUDA device with its own stream, or a CPU thread.
+
+    Jobs with an ``extra`` (MVR and HCM estimators, :data:`_PASSES`) return ``[g, e]`` on
+    the same micro-batches: ``e`` is the gradient at the previous version (MVR), or the
+    Hessian-vector product ``H(p) d`` with ``d = x_v - x_{v-1}`` at ``p = x_v`` (hcm1:
+    one forward, the gradient with its graph, then the double backward) or at
+    ``p = x_{v-1} + s d`` (hcm2: a second pass at ``p``; ``s ~ U(0, 1)`` from this
+    worker's own generator, :attr:`hvp_generator`, seeded from the run's seed and the
+    worker and saved in its state). Over ``accum_steps`` micro-batches both are averages.
+    An HVP runs attention in SDPA's math backend (the fused kernels have no double
+    backward); a loss that still has none makes the job raise a ValueError saying so.
 
     Args:
         device: where the replica computes.
@@ -149,6 +179,11 @@ class LocalWorker:
         compute_time: emulated seconds per gradient: the worker sleeps so each job
             lasts at least this long (spread over the micro-steps), so the staleness
             the server sees on a 2-core CPU is the staleness of heterogeneous devices.
+            An MVR or HCM job counts as two gradients (:data:`_UNITS`: MVR's second
+            gradient, HCM's Hessian-vector product, whether in the same pass or in a
+            second pass at ``p``, each as one gradient's time), as the simulator's
+            budget counts them; their real extra cost (an HVP by double backward costs
+            more than a gradient) shows through ``slowdown``, which scales measured time.
         slowdown: emulated speed factor: each job lasts at least ``slowdown`` times its
             real compute time (on CUDA, measured with a stream sync per micro-step).
         fault: an injected :class:`Fault` (``"kill"`` is for remote workers only).
@@ -183,6 +218,7 @@ class LocalWorker:
     def bind(self, context: Any, worker: int) -> None:
         self.context, self.worker = context, worker
         self.stream = open_stream(context.task, worker, context.num_workers, self.batch_size, self.device, context.seed)
+        self.hvp_generator = torch.Generator().manual_seed(context.seed * 1_000_003 + 500_009 + worker)
 
     @property
     def generator(self) -> torch.Generator:
@@ -192,11 +228,16 @@ class LocalWorker:
     def setup(self) -> None:
         context = self.context
         self.model = context.task.build_model().to(self.device)
-        numel = context.layout.numel
-        self.flat_param = torch.empty(numel, device=self.device)
-        self.flat_grad = torch.zeros(numel, device=self.device)
+        layout = context.layout
+        self.flat_param = torch.empty(layout.numel, device=self.device)
+        self.flat_grad = torch.zeros(layout.numel, device=self.device)
         with torch.no_grad():
-            context.layout.bind(self.model, self.flat_param, self.flat_grad)
+            layout.bind(self.model, self.flat_param, self.flat_grad)
+        params = dict(self.model.named_parameters())
+        self._leaves = [params[name] for name in layout.names]  # in layout order, for autograd.grad
+        self._grad_views = layout.views(self.flat_grad)
+        self._pair: torch.Tensor | None = None  # [g, e] of jobs with an extra, and HCM's d
+        self._direction: torch.Tensor | None = None
 
     def compute(self, job: Job) -> tuple[torch.Tensor, float] | None:
         result = self._run_job(job)
@@ -205,9 +246,23 @@ class LocalWorker:
             torch.cuda.current_stream(self.device).synchronize()
         return result
 
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``2 * numel`` result of a job with an extra and the ``numel`` direction d
+        (allocated at the first such job: plain jobs never need them)."""
+        if self._pair is None:
+            numel = self.flat_grad.numel()
+            self._pair = torch.empty(2 * numel, device=self.device)
+            self._direction = torch.empty(numel, device=self.device)
+            self._extra_views = self.context.layout.views(self._pair[numel:])
+            self._direction_views = self.context.layout.views(self._direction)
+        return self._pair, self._direction
+
     def _run_job(self, job: Job) -> tuple[torch.Tensor, float] | None:
         task = self.context.task
         cuda = self.device.type == "cuda"
+        passes = _PASSES[check_job(job.extra, "job.extra")]
+        if job.extra is not None and job.previous is None:
+            raise ValueError(f"job.previous: a {job.extra!r} job needs the version before its own")
         if job.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(job.ready)
         # ``job`` keeps the snapshot alive until float(loss_sum) below has synchronized
@@ -223,50 +278,81 @@ class LocalWorker:
             while not job.abandoned():
                 time.sleep(0.02)
             return None
-        # an MVR job is two passes over the same micro-batches (at params, then at previous),
-        # each emulated as one gradient's compute time
-        passes = 1 if job.previous is None else 2
-        total = passes * self.accum_steps
+        numel = self.flat_grad.numel()
+        out = self.flat_grad
+        if job.extra is not None:
+            out, direction = self._buffers()
+            if job.extra.startswith("hvp"):
+                direction.copy_(job.previous, non_blocking=True).neg_().add_(self.flat_param)  # d = x_v - x_{v-1}
+                out[numel:].zero_()
+        s = float(torch.rand((), generator=self.hvp_generator)) if job.extra == "hvp:random" else 0.0
         start = time.monotonic()
-        real = 0.0
+        real, units = 0.0, 0
         loss_sum = torch.zeros((), device=self.device)
         batches: list[Any] = []
-        out = None
-        for step in range(total):
-            if job.cancelled():
-                return None
-            if step == self.accum_steps:  # the second pass: the previous version, same batches
-                out = torch.empty(2 * self.flat_grad.numel(), device=self.device)
-                out[: self.flat_grad.numel()].copy_(self.flat_grad)
+        for index, (point, product) in enumerate(passes):
+            if point == "previous":
                 self.flat_param.copy_(job.previous, non_blocking=True)
-            if step % self.accum_steps == 0:
-                self.flat_grad.zero_()
-            t0 = time.monotonic()
-            if step < self.accum_steps:
-                batches.append(self.stream.next_batch())
-            loss = task.loss(self.model, batches[step % self.accum_steps]) / self.accum_steps
-            loss.backward()
-            if step < self.accum_steps:
-                loss_sum += loss.detach()
-            if cuda and self.slowdown > 1.0:  # the speed factor needs device time, not launch time
-                torch.cuda.current_stream(self.device).synchronize()
-            real += time.monotonic() - t0
-            job.beat()
-            target = max((self.compute_time or 0.0) * (step + 1) / self.accum_steps, real * self.slowdown)
-            if not job.sleep_until(start + target):
-                return None
-        if out is not None:
-            out[self.flat_grad.numel():].copy_(self.flat_grad)
-        result = self.flat_grad if out is None else out
+            elif point == "random":
+                self.flat_param.copy_(job.previous, non_blocking=True).add_(self._direction, alpha=s)
+            self.flat_grad.zero_()
+            for step in range(self.accum_steps):
+                if job.cancelled():
+                    return None
+                t0 = time.monotonic()
+                if index == 0:
+                    batches.append(self.stream.next_batch())
+                if product == "gradient":
+                    loss = task.loss(self.model, batches[step]) / self.accum_steps
+                    loss.backward()
+                else:
+                    loss = self._hvp_step(task, batches[step], with_gradient=product == "both")
+                if index == 0:
+                    loss_sum += loss.detach()
+                if cuda and self.slowdown > 1.0:  # the speed factor needs device time, not launch time
+                    torch.cuda.current_stream(self.device).synchronize()
+                real += time.monotonic() - t0
+                units += _UNITS[product]
+                job.beat()
+                target = max((self.compute_time or 0.0) * units / self.accum_steps, real * self.slowdown)
+                if not job.sleep_until(start + target):
+                    return None
+            if out is not self.flat_grad and product != "hvp":  # this pass's gradient: half ``index``
+                out[index * numel:(index + 1) * numel].copy_(self.flat_grad)
         if fault is not None and fault.kind == "nan":
-            result.fill_(math.nan)
-        return result, float(loss_sum)
+            out.fill_(math.nan)
+        return out, float(loss_sum)
+
+    def _hvp_step(self, task: Any, batch: Any, with_gradient: bool) -> torch.Tensor:
+        """One micro-batch's ``H d / accum_steps`` added to the result's second half (and,
+        ``with_gradient``, its gradient to ``flat_grad``); returns the micro-batch's loss."""
+        with twice_differentiable():
+            loss = task.loss(self.model, batch) / self.accum_steps
+            try:
+                grads, hv = gradient_and_hvp(loss, self._leaves, self._direction_views)
+            except ValueError as exc:
+                raise ValueError(f"an HCM job needs a Hessian-vector product of task.loss, and {exc}; use an "
+                                 "estimator without one (ema, nesterov, mvr1-3) for this task") from exc
+        if with_gradient:
+            torch._foreach_add_(self._grad_views, grads)
+        torch._foreach_add_(self._extra_views, hv)
+        return loss
 
     def state_dict(self) -> dict:
-        return self.stream.state_dict()
+        """The data stream's position and the HCM generator (``"hvp_generator"``)."""
+        return {**self.stream.state_dict(), "hvp_generator": self.hvp_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
+        if not isinstance(state, dict):
+            raise ValueError(f"worker state must be a dict, got {type(state).__name__}")
+        stream_state = {k: v for k, v in state.items() if k != "hvp_generator"}
+        generator = state.get("hvp_generator")
+        # absent in states saved before HCM jobs ran here: the seeded generator goes on
+        if generator is not None and (not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8):
+            raise ValueError("worker state: 'hvp_generator' must be a torch.Generator state (uint8 tensor)")
+        self.stream.load_state_dict(stream_state)
+        if generator is not None:
+            self.hvp_generator.set_state(generator)
 
 
 _BEAT_EVERY = 0.1  # seconds between heartbeats of a worker in an emulated sleep
@@ -319,14 +405,14 @@ def _work(server: "Server", i: int, body: WorkerBody) -> None:
     while not stopping.is_set():
         version, params, ready = server.published
         previous = None
-        if server.job is not None:  # an MVR server publishes [x^v, x^{v-1}] as one snapshot
+        if server.job is not None:  # an MVR/HCM server publishes [x^v, x^{v-1}] as one snapshot
             params, previous = params.chunk(2)
         ws.job_version = version
         ws.wake.clear()
         job = Job(i, ws.jobs, version, params, ready,
                   cancelled=lambda v=version: v < server.cancel_below[i] or stopping.is_set() or ws.fate is not None,
                   beat=beat, sleep_until=sleep_until, abandoned=lambda: stopping.is_set() or ws.fate is not None,
-                  previous=previous)
+                  extra=server.job, previous=previous)
         ws.jobs += 1
         beat()
         ws.phase = "running"
