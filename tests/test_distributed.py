@@ -85,61 +85,25 @@ def test_gloo_server_two_heterogeneous_workers_cancels_and_a_killed_worker(tmp_p
 
 
 JOBS_SCRIPT = """
-import json, sys
+import json, os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 import torch
+from exact_jobs import ExactQuadraticTask, spy_run
 from ringmaster_kernels.runtime import distributed
-from ringmaster_kernels.runtime.server import Server
 from ringmaster_kernels.runtime.trainer import AsyncTrainer, LocalWorker
 
-
-class Task:
-    # c/2 ||w||^2 + <z, w>, a fresh z per batch: on ONE batch, g(x) - g(x') = H d = c (x - x')
-    c = 3.0
-    estimator = None
-
-    def build_model(self):
-        return torch.nn.Linear(4, 1, bias=False)
-
-    def group_of(self, name):
-        return {"norm": "l2", "momentum_estimator": self.estimator}
-
-    def sample(self, batch_size, generator, device):
-        return torch.randn(4, generator=generator).to(device)
-
-    def loss(self, model, z):
-        w = model.weight.reshape(-1)
-        return 0.5 * self.c * (w * w).sum() + (z * w).sum()
-
-    def evaluate(self, model):
-        return float((model.weight.detach() ** 2).sum())
-
-
 rank, world = distributed.init_from_env(timeout_s=60)
-task = Task()
+task = ExactQuadraticTask()
 if rank:
     distributed.serve(task, LocalWorker(batch_size=1, compute_time=0.003 * rank), rank - 1, seed=0)
     distributed.dist.destroy_process_group()
     sys.exit(0)
-published, delivered = {}, []
-publish, deliver = Server.publish, Server.deliver
-
-def spy_publish(self):
-    publish(self)
-    published[self.published[0]] = self.published[1].clone()
-
-def spy_deliver(self, worker, version, grad, loss, device):
-    delivered.append((version, grad.clone()))
-    return deliver(self, worker, version, grad, loss, device)
-
-Server.publish, Server.deliver = spy_publish, spy_deliver
 results = {}
 for estimator in sys.argv[1].split(","):
     task.estimator = estimator
-    published.clear()
-    delivered.clear()
     trainer = AsyncTrainer(task, [distributed.RemoteWorker(r) for r in range(1, world)], "ringmaster",
                            {"lr": 0.05, "threshold": 3, "momentum": 0.9}, torch_threads=1)
-    summary = trainer.run(max_updates=15, max_time=60)
+    summary, published, delivered = spy_run(trainer, max_updates=15, max_time=60)
     errors, moved, n = [], 0, 4
     for v, grad in delivered:
         x, prev = published[v][:n], published[v][n:]

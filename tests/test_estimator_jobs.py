@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from exact_jobs import ExactQuadraticTask, spy_run
 
 from ringmaster_kernels.optim.policies import make_policy
 from ringmaster_kernels.runtime.objectives import LeastSquares, TridiagonalQuadratic, hessian_vector_product
@@ -119,52 +120,6 @@ def test_simulated_mvr_run_is_reproducible():
 
 
 # ---------------------------------------------------------------------- the threaded runtime
-class _QuadraticTask:
-    """loss = c/2 ||w||^2 + <z, w> with a fresh z per batch: the gradient difference between
-    two points on ONE batch is c (w - w') exactly, whatever z."""
-
-    c = 3.0
-
-    def build_model(self):
-        return torch.nn.Linear(4, 1, bias=False)
-
-    def group_of(self, name):
-        return {"norm": "l2", "momentum_estimator": "mvr1"}
-
-    def sample(self, batch_size, generator, device):
-        return torch.randn(4, generator=generator).to(device)
-
-    def loss(self, model, z):
-        w = model.weight.reshape(-1)
-        return 0.5 * self.c * (w * w).sum() + (z * w).sum()
-
-    def evaluate(self, model):
-        return float((model.weight.detach() ** 2).sum())
-
-
-def _spy_run(trainer, max_updates):
-    """Run ``trainer``, recording every published snapshot and every delivered result."""
-    from ringmaster_kernels.runtime.server import Server
-
-    published, delivered = {}, []
-    publish, deliver = Server.publish, Server.deliver
-
-    def spy_publish(self):
-        publish(self)
-        published[self.published[0]] = self.published[1].clone()
-
-    def spy_deliver(self, worker, version, grad, loss, device):
-        delivered.append((version, grad.clone()))
-        return deliver(self, worker, version, grad, loss, device)
-
-    Server.publish, Server.deliver = spy_publish, spy_deliver
-    try:
-        summary = trainer.run(max_updates=max_updates, max_time=30.0)
-    finally:
-        Server.publish, Server.deliver = publish, deliver
-    return summary, published, delivered
-
-
 def _check_accounting(summary):
     t = summary["totals"]
     assert t["pushed"] == summary["queue_pushed"] == t["accepted"] + t["discarded"] + t["in_flight"]
@@ -174,15 +129,14 @@ def _check_accounting(summary):
 
 @pytest.mark.parametrize("estimator", ("mvr1", "hcm1", "hcm2"))
 def test_threaded_jobs_compute_their_extra_on_one_batch(estimator):
-    """On ``_QuadraticTask`` (H = c I whatever the batch) a job at version v returns
+    """On ``ExactQuadraticTask`` (H = c I whatever the batch) a job at version v returns
     g - g_prev = c (x^v - x^{v-1}) (MVR) or H d = c (x^v - x^{v-1}) (HCM), exactly up to fp32."""
     from ringmaster_kernels.runtime.trainer import AsyncTrainer, LocalWorker
 
-    task = _QuadraticTask()
-    task.group_of = lambda name: {"norm": "l2", "momentum_estimator": estimator}
+    task = ExactQuadraticTask(estimator)
     trainer = AsyncTrainer(task, [LocalWorker(batch_size=1, compute_time=t) for t in (0.002, 0.005)], "ringmaster",
                            {"lr": 0.05, "threshold": 3, "momentum": 0.9}, torch_threads=1)
-    summary, published, delivered = _spy_run(trainer, 20)
+    summary, published, delivered = spy_run(trainer, max_updates=20, max_time=30.0)
     assert summary["updates"] >= 20 and len(delivered) >= 20
     _check_accounting(summary)
     n = 4
