@@ -242,10 +242,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpt", action="store_true", help="also the byte-level GPT of `ringmaster train` (virtual clock)")
     parser.add_argument("--no-quadratic", action="store_true", help="skip the quadratic")
     parser.add_argument("--gpt-updates", type=int, default=150, help="horizon of the GPT runs, in fastest-worker gradients")
+    parser.add_argument("--gpt-grid", default="1",
+                        help="GPT step-size factors around each variant's centre, tuned on --tune-seed "
+                             "(default 1: not tuned, `ringmaster train`'s lr)")
     parser.add_argument("--out", default="runs/estimators")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        gpt_grid = tuple(float(f) for f in args.gpt_grid.split(","))
+    except ValueError as exc:
+        parser.error(f"--seeds takes integers and --gpt-grid numbers, comma-separated: {exc}")
+    if args.tune_seed in seeds:
+        parser.error(f"--tune-seed {args.tune_seed} is one of --seeds {args.seeds}: tune on another seed")
+    if not all(math.isfinite(f) and f > 0 for f in gpt_grid):
+        parser.error(f"--gpt-grid factors must be finite and > 0, got {args.gpt_grid}")
     methods = args.methods.split(",")
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -259,9 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .estimator_gpt import gpt_problem, gpt_variants
 
         gpt = gpt_problem(args.gpt_updates)
-        # not tuned (CPU budget): `ringmaster train`'s lr, R = 2 and beta = 0.9 for every variant
-        rows += experiment(gpt, gpt_variants(), methods, seeds=seeds[:2], tune_seed=args.tune_seed,
-                           grid=(1.0,), threshold=2, momentum=0.9)
+        # `ringmaster train`'s R = 2 and beta = 0.9 for every variant; lr tuned over --gpt-grid
+        rows += experiment(gpt, gpt_variants(), methods, seeds=seeds, tune_seed=args.tune_seed,
+                           grid=gpt_grid, threshold=2, momentum=0.9)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows, "wall_s": time.perf_counter() - start}, f)
     print(table(rows))
