@@ -145,3 +145,46 @@ def test_a_warm_step_reuses_its_address_table_and_new_tensors_get_their_own():
     ops.lmo_step_(*ref, norm="l2", backend="torch", **HYPER)
     for got, want in zip(ys + ns_, ref[0] + ref[2]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- the chosen autotune config, launched directly
+def test_an_autotuned_kernel_skips_the_autotuners_wrapper_once_its_key_is_known(monkeypatch):
+    from triton.runtime.autotuner import Autotuner
+
+    wrapper_calls, meta = [], []
+    run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: (wrapper_calls.append(self.fn.__name__), run(self, *a, **k))[1])
+    jit_run = ns._syrk_kernel.fn.run
+    monkeypatch.setattr(ns._syrk_kernel.fn, "run", lambda *a, **k: (meta.append(k), jit_run(*a, **k))[1])
+    launches.chosen_configs.clear()
+    G = _randn(2, 20, 36)
+    cold = ops.orthogonalize(G, steps=2, backend="triton")
+    assert sorted(set(wrapper_calls)) == ["_syrk_kernel", "_update_kernel"]  # each key's first launch
+    wrapper_calls.clear(), meta.clear()
+    direct = launches.chosen_configs.direct
+    warm = ops.orthogonalize(G, steps=2, backend="triton")
+    assert wrapper_calls == [] and launches.chosen_configs.direct - direct == 6  # 4 syrk + 2 update
+    assert torch.equal(cold, warm)
+    config = ns._syrk_kernel.configs[0] if len(ns._syrk_kernel.configs) == 1 else None
+    for k in meta:  # the config's meta-parameters and launch options reach the JIT function
+        assert {"BLOCK", "BLOCK_K", "num_warps", "num_stages"} <= set(k)
+        if config is not None:
+            assert k["BLOCK"] == config.kwargs["BLOCK"] and k["num_warps"] == config.num_warps
+    # another shape is another key: the autotuner's wrapper sees it first
+    ops.orthogonalize(_randn(2, 24, 36), steps=1, backend="triton")
+    assert "_syrk_kernel" in wrapper_calls
+
+
+def test_the_direct_launch_key_is_never_coarser_than_the_autotuners():
+    tuner = ns._update_kernel
+    args = tuple(range(len(tuner.arg_names)))
+    key = launches.chosen_configs._key
+    base = key(tuner, args, {"HAS_BETA": False})
+    moved = list(args)
+    moved[tuner.arg_names.index("stride_xm")] = 99  # a key argument
+    assert key(tuner, tuple(moved), {"HAS_BETA": False}) != base
+    assert key(tuner, args, {"HAS_BETA": True}) != base  # every constexpr flag
+    with_tensor = (torch.empty(1, dtype=torch.float16),) + args[1:]
+    assert key(tuner, with_tensor, {"HAS_BETA": False}) != key(
+        tuner, (torch.empty(1, dtype=torch.float32),) + args[1:], {"HAS_BETA": False})  # dtypes
+

@@ -10,6 +10,12 @@ too, where Triton's own launch hooks never fire) and torch operators that run a 
 (through a dispatch mode; views and allocations run none and are not counted). It is a
 host-cost measure for ``ringmaster bench optim``, not a profiler: an autotuner's trial
 runs on a new shape count as one launch, and a torch op may run more than one kernel.
+
+An autotuned kernel goes through ``triton.autotune``'s wrapper only the first time a key
+is seen (it times the configs then, or reads its disk cache); :class:`ChosenConfigs` keeps
+the config it picked and later launches call the JIT function with that config's
+meta-parameters, ``num_warps`` and ``num_stages`` directly. The wrapper re-derives its key
+from dicts of every argument on each call; the direct launch hashes one tuple.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from triton.runtime.autotuner import Autotuner
 
 _state = threading.local()
 
@@ -33,8 +40,55 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+class ChosenConfigs:
+    """The config ``triton.autotune`` chose, per autotuner and key, launched directly.
+
+    The key holds what the autotuner's own key holds (its key arguments and the dtype of
+    every tensor argument) plus every keyword argument (the constexpr flags), so it is
+    never coarser than the autotuner's: a config is reused only where the autotuner would
+    have picked the same one. A config with a ``pre_hook`` is never bypassed.
+    """
+
+    def __init__(self) -> None:
+        self._chosen: dict[Autotuner, dict[tuple, dict]] = {}
+        self._positions: dict[Autotuner, tuple[int, ...]] = {}
+        self._lock = threading.Lock()  # the autotuner's own run() keeps per-call state on itself
+        self.direct = 0  # launches that skipped the autotuner's wrapper (a test and bench figure)
+
+    def _key(self, tuner: Autotuner, args: tuple, kwargs: dict) -> tuple:
+        positions = self._positions.get(tuner)
+        if positions is None:
+            positions = tuple(tuner.arg_names.index(k) for k in tuner.keys)
+            self._positions[tuner] = positions
+        return (tuple(args[i] for i in positions if i < len(args)),
+                tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), tuple(kwargs.items()))
+
+    def run(self, tuner: Autotuner, grid, args: tuple, kwargs: dict) -> None:
+        key = self._key(tuner, args, kwargs)
+        meta = self._chosen.get(tuner, {}).get(key)
+        if meta is not None:
+            self.direct += 1
+            tuner.fn[grid](*args, **kwargs, **meta)
+            return
+        with self._lock:
+            tuner[grid](*args, **kwargs)
+            config = tuner.best_config
+            if config.pre_hook is None:
+                self._chosen.setdefault(tuner, {})[key] = config.all_kwargs()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._chosen.clear()
+
+
+chosen_configs = ChosenConfigs()
+
+
 def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` with ``device`` current, recorded by any active counter."""
+    """``kernel[grid](*args, **kwargs)`` with ``device`` current, recorded by any active counter.
+
+    An autotuned ``kernel`` is launched with its chosen config once the autotuner has
+    seen the key (:class:`ChosenConfigs`)."""
     counts = getattr(_state, "counts", None)
     if counts is not None:
         name = getattr(kernel, "fn", kernel)  # an autotuner wraps the JIT function
@@ -43,7 +97,10 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
     _state.in_triton = True
     try:
         with device_guard(device):
-            kernel[grid](*args, **kwargs)
+            if isinstance(kernel, Autotuner):
+                chosen_configs.run(kernel, grid, args, kwargs)
+            else:
+                kernel[grid](*args, **kwargs)
     finally:
         _state.in_triton = False
 
@@ -91,3 +148,4 @@ def count_launches() -> Iterator[LaunchCounts]:
             yield counts
     finally:
         _state.counts = None
+
