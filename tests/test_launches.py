@@ -188,3 +188,35 @@ def test_the_direct_launch_key_is_never_coarser_than_the_autotuners():
     assert key(tuner, with_tensor, {"HAS_BETA": False}) != key(
         tuner, (torch.empty(1, dtype=torch.float32),) + args[1:], {"HAS_BETA": False})  # dtypes
 
+
+# ------------------------------------------- persistent direction buffers: a warm step builds nothing
+@pytest.mark.parametrize("norm", ["spectral", "l1"])
+def test_a_warm_direction_step_allocates_no_buffer_and_builds_no_table(norm):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(*s, generator=g).to(KERNEL_DEVICE) for s in ((20, 36), (20, 36), (16, 24))]
+    ms = [torch.zeros_like(x) for x in xs]
+    step = lambda grads: ops.lmo_step_(xs, grads, ms, norm=norm, backend="triton", **HYPER)
+    step([torch.randn(x.shape, generator=g).to(KERNEL_DEVICE) for x in xs])
+    gs = [torch.randn(x.shape, generator=g).to(KERNEL_DEVICE) for x in xs]
+    step(gs)  # these gradients' table is built here
+    builds, made = lmo_kernels._address_tables.builds, lmo_kernels._direction_buffers.allocations
+    want = [x.clone() for x in xs], [m.clone() for m in ms]
+    ops.lmo_step_(*want[:1], gs, want[1], norm=norm, backend="torch", **HYPER)
+    with launches.count_launches() as counts:
+        step(gs)
+    assert lmo_kernels._address_tables.builds == builds and lmo_kernels._direction_buffers.allocations == made
+    assert "cat" not in counts.torch  # no table built, nothing uploaded
+    for got, exp in zip(xs + ms, want[0] + want[1]):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+
+
+def test_direction_buffers_are_dropped_with_their_parameters():
+    cache = lmo_kernels._DirectionBuffers(maxsize=8)
+    xs = [torch.randn(4, 6), torch.randn(4, 6)]
+    first = cache.get(xs, [torch.Size((4, 6))], torch.float32)
+    assert first[0].shape == (2, 4, 6) and cache.get(xs, [torch.Size((4, 6))], torch.float32) is first
+    assert cache.get(xs, [torch.Size((4, 6))], torch.bfloat16) is not first  # per dtype
+    del xs
+    ys = [torch.randn(3, 5)]
+    cache.get(ys, [torch.Size((3, 5))], torch.float32)  # a miss sweeps the entries of freed parameters
+    assert len(cache._entries) == 1

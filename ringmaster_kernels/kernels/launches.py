@@ -16,6 +16,11 @@ is seen (it times the configs then, or reads its disk cache); :class:`ChosenConf
 the config it picked and later launches call the JIT function with that config's
 meta-parameters, ``num_warps`` and ``num_stages`` directly. The wrapper re-derives its key
 from dicts of every argument on each call; the direct launch hashes one tuple.
+
+:func:`forbid_host_sync` is the check behind a capturable step's contract: inside it, any
+torch operator that makes the host wait for the device (a value read back, a data-
+dependent output size, a device-to-host copy) raises :class:`HostSyncError`. It works on
+CPU tensors too, where nothing actually waits, so the contract is testable without a GPU.
 """
 from __future__ import annotations
 
@@ -149,3 +154,49 @@ def count_launches() -> Iterator[LaunchCounts]:
     finally:
         _state.counts = None
 
+
+class HostSyncError(RuntimeError):
+    """An operator that waits for the device ran inside :func:`forbid_host_sync`."""
+
+
+# operators that read a device value back (``.item()``, ``float()``, ``bool()`` and
+# comparisons of whole tensors) or whose output size depends on the data
+_SYNCING = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "masked_select", "unique",
+            "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount", "histc", "masked_scatter"}
+
+
+def _sync_reason(func, args: tuple, kwargs: dict, result: object) -> str | None:
+    name = func.overloadpacket.__name__
+    if name in _SYNCING:
+        return "reads a device value on the host or has a data-dependent size"
+    if name == "repeat_interleave" and kwargs.get("output_size") is None:
+        return "has a data-dependent size (no output_size)"
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ()):
+            return "indexes with a boolean mask (a nonzero)"
+    if name in ("_to_copy", "copy_", "to"):
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+        if any(t.is_cuda for t in inputs) and any(t.device.type == "cpu" for t in outputs):
+            return "copies device memory to the host"
+    return None
+
+
+class _SyncGuard(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if not getattr(_state, "in_triton", False):  # the interpreter's own copies are not the step's
+            reason = _sync_reason(func, args, kwargs, result)
+            if reason is not None:
+                raise HostSyncError(f"{func} {reason}: the host would wait for the device")
+        return result
+
+
+@contextlib.contextmanager
+def forbid_host_sync() -> Iterator[None]:
+    """Raise :class:`HostSyncError` at the first torch operator of the ``with`` block that
+    would make the host wait for the device (see the module doc)."""
+    with _SyncGuard():
+        yield
