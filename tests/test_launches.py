@@ -220,3 +220,20 @@ def test_direction_buffers_are_dropped_with_their_parameters():
     ys = [torch.randn(3, 5)]
     cache.get(ys, [torch.Size((3, 5))], torch.float32)  # a miss sweeps the entries of freed parameters
     assert len(cache._entries) == 1
+
+
+def test_launch_overhead_benchmark_runs_without_a_gpu():
+    """benchmarks/bench_launch_overhead.py times both launch paths with the JIT run stubbed
+    (no assertion on the times: only that every variant of a two-step iteration is there)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_launch_overhead.py"),
+                          "--repeats", "1", "--json"], capture_output=True, text=True, check=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": root})
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 5  # syrk: scaled first, plain, with Y; update: scaled first, accumulating last
+    assert all(set(r) == {"autotuner_us", "direct_us", "floor_us"} and min(r.values()) > 0 for r in rows.values())

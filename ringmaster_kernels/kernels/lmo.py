@@ -390,7 +390,10 @@ class _Launch:
         # the kernels' ALIGNED variant: every row length % 8 == 0, every pointer 16-byte aligned
         self.aligned = plan.aligned and all(a % 16 == 0 for r in rows + tail for a in r)
         self.itab = _address_tables.get(plan, rows, tail, device)
-        self.stats = torch.zeros(max(plan.n_stats, 1), dtype=torch.float32, device=device)
+        # the reductions' sums; without one (sign, spectral, l1) only a typed placeholder,
+        # so no zero-fill runs
+        self.stats = (torch.zeros(plan.n_stats, dtype=torch.float32, device=device) if plan.n_stats
+                      else torch.empty(1, dtype=torch.float32, device=device))
         # typed placeholders: kernels take pointer types from these
         self.x0, self.g0 = xs[0], gs[0]
         self.m0 = ms[0] if ms[0] is not None else self.stats
