@@ -243,7 +243,8 @@ def lmo_step_(
         norm: a name in ``norms.KNOWN``; ``**options`` are its options (spectral:
             ``scale``, ``steps``, ``coefficients``, ``eps``, ``compute_dtype``: the
             Newton–Schulz iteration dtype, None for the device default, bf16 on CUDA
-            and fp32 on CPU; ``torch.bfloat16`` on CPU is torch.optim.Muon's math).
+            and fp32 on CPU; ``torch.bfloat16`` on CPU is torch.optim.Muon's math;
+            ``ns_update``: "triton" or "cublas", see ``orthogonalize``).
         lr, weight_decay: finite reals. beta: in [0, 1]. radius: finite, >= 0.
             lr, beta and weight_decay may instead all three be 0-dim fp32 tensors on
             the params' device (a capturable step, for CUDA graphs): the kernels (and

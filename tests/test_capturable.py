@@ -184,6 +184,19 @@ def test_what_a_capturable_step_cannot_do_is_refused_by_name(options, match):
         Gluon(_params(), **options)
 
 
+def test_tensors_given_to_the_constructor_are_the_groups_own_unless_shared():
+    lr, momentum, wd = (torch.tensor(v, device=DEV) for v in (0.05, 0.9, 0.1))
+    qs = _params()
+    opt = Gluon([{"params": qs[:2]}, {"params": qs[2:], "lr": torch.tensor(0.5, dtype=torch.float64)}],
+                lr=lr, momentum=momentum, weight_decay=wd, **CAPTURABLE)
+    first, second = opt.param_groups
+    assert first["lr"] is lr and first["momentum"] is momentum and first["weight_decay"] is wd
+    # the second group got the defaults' tensors too (torch fills them in): copies of its own;
+    # its float64 lr became fp32
+    assert second["momentum"] is not momentum and second["momentum"].item() == pytest.approx(0.9)
+    assert second["lr"].dtype == torch.float32 and second["lr"].item() == pytest.approx(0.5)
+
+
 def test_refusals_at_step_after_a_group_edit():
     qs = _params()
     capt = Gluon(qs, **CAPTURABLE)

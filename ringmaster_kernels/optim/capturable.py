@@ -32,13 +32,16 @@ class DeviceHyper:
         self.tensors: list[dict[str, torch.Tensor]] = []
 
     def adopt(self, group: dict[str, Any], device: torch.device, where: str, keys: Iterable[str] = HYPER_KEYS) -> None:
-        """Give a new group a tensor per key (a 0-dim fp32 tensor already on ``device`` is
-        kept as it is, so a caller's own tensor stays live) and put them in the group."""
+        """Give a new group a tensor per key and put them in the group. A 0-dim fp32 tensor
+        already on ``device`` is kept as it is (a caller's own tensor stays live) unless
+        another group has it (a tensor default is shared by every group torch fills it
+        into; per-group schedules need one tensor each)."""
+        taken = {id(t) for tensors in self.tensors for t in tensors.values()}
         own = {}
         for key in keys:
             value = group[key]
             if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.float32 \
-                    and value.device == device:
+                    and value.device == device and id(value) not in taken:
                 own[key] = value
             else:
                 own[key] = torch.tensor(_number(value, where, key), dtype=torch.float32, device=device)

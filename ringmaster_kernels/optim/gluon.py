@@ -336,7 +336,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
     a group spanning devices. The first step of a shape (autotuning, address tables,
     direction buffers) should run eagerly before capture. The kernels compute
     ``-lr * radius`` and ``1 - lr * weight_decay`` in fp32 from the tensors, the eager
-    path in float64 before rounding, so results agree to fp32 rounding, not bitwise.
+    path in float64 before rounding, so results agree to fp32 rounding (not always bitwise).
 
     Parameters are updated in their own dtype (rounded once); the momentum buffer
     (``state[p]["momentum_buffer"]``) is fp32. Tensors of 3 or more dimensions are seen
@@ -394,7 +394,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         try:
-            _check_group(self.param_groups[gi], gi)
+            _check_group(self.param_groups[gi], gi, numbers=not self.capturable)
             if self.capturable:
                 _check_capturable(self.param_groups[gi], f"param_groups[{gi}]")
             self._adopt_device_hyper(self.param_groups[gi], f"param_groups[{gi}]")
@@ -563,9 +563,11 @@ def _check_capturable(group: dict[str, Any], where: str) -> None:
                          "capturable=True supports 'ema' and 'nesterov' only")
 
 
-def _check_group(group: dict[str, Any], gi: int) -> None:
+def _check_group(group: dict[str, Any], gi: int, numbers: bool = True) -> None:
+    """A new group's options and tensors (``numbers=False``: a capturable group, whose lr,
+    momentum and weight decay its device tensors check as they are made)."""
     where = f"param_groups[{gi}]"
-    _check_hyper(group, where)
+    _check_hyper(group, where, numbers)
     if group.get("ns_dtype") is not None and not (isinstance(group["ns_dtype"], torch.dtype)
                                                   and group["ns_dtype"].is_floating_point):
         raise TypeError(f"{where}: ns_dtype must be None or a floating torch.dtype, got {group['ns_dtype']!r}")
