@@ -13,13 +13,18 @@ Phases, in order (``--phases`` picks some):
   Frobenius distance), and ``syrk``'s X X^T: exactly symmetric, and its distance from
   the float64 product.
 * ``timings``: per shape, GPU time (CUDA events), wall time and CUDA-graph replay time
-  of the Triton iteration, the eager twin, the ``torch.compile``'d twin and the
+  of the Triton iteration (``ns_update="triton"``, the default), the same with
+  ``ns_update="cublas"`` (the non-final updates through ``torch.baddbmm``: the row that
+  decides that option), the eager twin, the ``torch.compile``'d twin and the
   iteration's matmuls alone through cuBLAS (``bmm`` into preallocated buffers); ratios
   are each baseline over Triton, all measured in this run.
 * ``lmo_bandwidth``: the fused LMO step over a d12 list (sign, l2, colnorm) in GB/s, as
   a fraction of ``copy_`` moving the same bytes in the same run.
 * ``bench_optim``: ``ringmaster bench optim`` on d12 (ours vs torch.optim.Muon, with
   launches per step).
+* ``capturable_step``: Gluon's Muon step on the d12 list: eager, eager with
+  ``capturable=True``, and that step captured in a CUDA graph and replayed (GPU and
+  wall time per step), with the launches of one warm capturable step.
 * ``train``: a short ``ringmaster train`` with 2 workers on one GPU.
 * ``cuda_tests``: ``pytest -m cuda`` (given whatever time is left before ``--deadline-s``).
 
@@ -49,7 +54,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("environment", "ceilings", "correctness", "timings", "lmo_bandwidth", "bench_optim", "train", "cuda_tests")
+PHASES = ("environment", "ceilings", "correctness", "timings", "lmo_bandwidth", "bench_optim", "capturable_step", "train",
+          "cuda_tests")
 
 
 class Check:
@@ -219,6 +225,8 @@ def timings(check: Check) -> dict:
 
         contestants = {
             "triton": lambda: ops.orthogonalize(G, check.steps, out=out, compute_dtype=check.compute, backend="triton"),
+            "triton_cublas_updates": lambda: ops.orthogonalize(G, check.steps, out=out, compute_dtype=check.compute,
+                                                               ns_update="cublas", backend="triton"),
             "twin_eager": lambda: reference.orthogonalize(G, check.steps, out=out, compute_dtype=check.compute),
             "cublas_matmuls": cublas,
         }
@@ -289,6 +297,34 @@ def bench_optim(check: Check) -> dict:
         argv = ["--model", "d12", "--device", "cuda", "--warmup", "3", "--repeats", "10", "--rounds", "3"]
     # the compiled twin is left out: compiling a 72-matrix step costs minutes of the window
     return _cli(["bench", "optim", "--json", "--no-compile", *argv])
+
+
+def capturable_step(check: Check) -> dict:
+    import torch
+
+    from ringmaster_kernels.commands.bench_optim import HYPER, _tensors, hidden_shapes
+    from ringmaster_kernels.kernels.launches import count_launches
+    from ringmaster_kernels.optim import Gluon
+
+    shapes = hidden_shapes(*check.lmo_depth_width)
+    dtype = torch.float32 if check.smoke else torch.bfloat16
+    on_cuda = check.device.type == "cuda"
+    rows = {}
+    for label, options in (("eager", {}), ("capturable", dict(capturable=True, nonfinite="ignore"))):
+        opt = Gluon(_tensors(shapes, check.device, dtype), lr=HYPER["lr"], momentum=HYPER["momentum"],
+                    weight_decay=HYPER["weight_decay"], norm_options={"scale": "muon"}, backend="triton", **options)
+        rows[label] = _timed(opt.step, check)
+        if options:
+            with count_launches() as counts:
+                opt.step()
+            rows[label]["launches"] = counts.summary()
+            try:
+                rows["graph_replay_gpu_ms"] = _graph_ms(opt.step, check) if on_cuda else None
+            except Exception as exc:  # a capture failure is the finding; the eager rows stay
+                rows["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        del opt
+    notes = [] if on_cuda else ["CPU smoke: no CUDA graph; the interpreter's times mean nothing"]
+    return {"params": str(dtype), "matrices": len(shapes), "steps": rows, "notes": notes}
 
 
 def train(check: Check) -> dict:

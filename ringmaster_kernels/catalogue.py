@@ -18,7 +18,11 @@ SPECTRAL_SCALES = ("none", "scion", "muon")
 # Spectral options and defaults (Newton–Schulz settings go to ops.orthogonalize).
 # compute_dtype None is the device default: bf16 on CUDA, fp32 on CPU (see
 # reference.default_compute_dtype); torch.bfloat16 on CPU is torch.optim.Muon's math.
-SPECTRAL_OPTIONS = {"scale": "none", "steps": 5, "coefficients": "polar_express", "eps": 1e-7, "compute_dtype": None}
+# ns_update: what runs the non-final Newton–Schulz updates on the kernel path ("triton":
+# the fused update kernel; "cublas": torch.baddbmm); the twin has one path.
+SPECTRAL_OPTIONS = {"scale": "none", "steps": 5, "coefficients": "polar_express", "eps": 1e-7, "compute_dtype": None,
+                    "ns_update": "triton"}
+NS_UPDATES = ("triton", "cublas")
 
 
 @dataclass(frozen=True)
@@ -119,4 +123,13 @@ def resolve_options(spec: Norm, options: dict) -> dict:
         raise ValueError(f"scale must be one of {SPECTRAL_SCALES}, got {resolved['scale']!r}")
     if resolved.get("compute_dtype") not in (None, *FLOAT_DTYPES):
         raise TypeError(f"compute_dtype must be None or one of {FLOAT_DTYPES}, got {resolved['compute_dtype']!r}")
+    if "ns_update" in resolved:
+        check_ns_update(resolved["ns_update"])
     return resolved
+
+
+def check_ns_update(ns_update: object, name: str = "ns_update") -> str:
+    """``ns_update`` itself; ValueError naming ``name`` unless it is one of ``NS_UPDATES``."""
+    if not isinstance(ns_update, str) or ns_update not in NS_UPDATES:
+        raise ValueError(f"{name} must be one of {NS_UPDATES}, got {ns_update!r}")
+    return ns_update

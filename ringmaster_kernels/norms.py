@@ -37,9 +37,11 @@ from .backend import resolve_backend
 from .catalogue import (
     KNOWN,
     NORMS,
+    NS_UPDATES,
     SPECTRAL_OPTIONS,
     SPECTRAL_SCALES,
     Norm,
+    check_ns_update,
     check_radius,
     check_tensor,
     get,
@@ -48,7 +50,7 @@ from .catalogue import (
 
 # The catalogue's names are re-exported: norms is its public face.
 __all__ = [
-    "KNOWN", "NORMS", "SPECTRAL_OPTIONS", "SPECTRAL_SCALES", "Norm", "check_radius", "check_tensor", "get",
+    "KNOWN", "NORMS", "NS_UPDATES", "SPECTRAL_OPTIONS", "SPECTRAL_SCALES", "Norm", "check_ns_update", "check_radius", "check_tensor", "get",
     "resolve_options", "lmo", "dual_norm", "primal_norm",
 ]
 
@@ -74,8 +76,9 @@ def lmo(
             when this is ``"auto"``. Spectral runs ``ops.orthogonalize`` with it; l1 is
             an argmax and one scatter, done in torch on every backend.
         **options: spectral only: ``scale`` ("none" | "scion" | "muon"), ``steps``,
-            ``coefficients``, ``eps`` and ``compute_dtype`` (the Newton–Schulz iteration
-            dtype; None: bf16 on CUDA, fp32 on CPU), all passed to ``ops.orthogonalize``.
+            ``coefficients``, ``eps``, ``compute_dtype`` (the Newton–Schulz iteration
+            dtype; None: bf16 on CUDA, fp32 on CPU) and ``ns_update`` ("triton" |
+            "cublas"), all passed to ``ops.orthogonalize``.
 
     Returns:
         A tensor of G's shape and dtype (``out`` if given). The kernels compute in fp32
@@ -91,7 +94,7 @@ def lmo(
         s = spec.factor(G.size(-2), G.size(-1), opts["scale"])
         return ops.orthogonalize(
             G, opts["steps"], opts["coefficients"], opts["eps"], out,
-            compute_dtype=opts["compute_dtype"], scale=-radius * s, backend=backend,
+            compute_dtype=opts["compute_dtype"], scale=-radius * s, ns_update=opts["ns_update"], backend=backend,
         )
     if resolve_backend(backend, G) == "triton" and spec.mode != "direction":
         from .kernels import lmo as lmo_kernels

@@ -20,6 +20,19 @@ def _check_real(name: str, value: object, low: float | None = None, high: float 
     return float(value)
 
 
+def check_hyper(name: str, value: object, device: torch.device, low: float | None = None,
+                high: float | None = None) -> float | torch.Tensor:
+    """A hyperparameter as a float (finite, in [low, high]), or a 0-dim fp32 tensor on
+    ``device``, whose value is not checked: reading it would synchronize with the device,
+    which a capturable step must never do."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype != torch.float32 or value.device != device:
+            raise ValueError(f"{name} as a tensor must be a 0-dim float32 tensor on {device}, got "
+                             f"shape {tuple(value.shape)}, {value.dtype} on {value.device}")
+        return value
+    return _check_real(name, value, low, high)
+
+
 def check_newton_schulz(
     steps: object, coefficients: object, eps: object, *, names: tuple[str, str, str] = ("steps", "coefficients", "eps")
 ) -> None:
@@ -52,8 +65,9 @@ def orthogonalize(
     out: torch.Tensor | None = None,
     *,
     compute_dtype: torch.dtype | None = None,
-    scale: float = 1.0,
-    beta: float = 0.0,
+    scale: float | torch.Tensor = 1.0,
+    beta: float | torch.Tensor = 0.0,
+    ns_update: str = "triton",
     backend: str | None = "auto",
 ) -> torch.Tensor:
     """Approximate the polar factor ``U V^T`` of ``G = U S V^T`` by Newton–Schulz.
@@ -73,6 +87,14 @@ def orthogonalize(
         beta: when nonzero, ``out`` (required) becomes ``beta * out + scale * U V^T`` in
             the same epilogue (e.g. ``1 - lr * weight_decay``: a fused parameter update).
             With ``beta = 0`` ``out`` is never read.
+            ``scale`` and ``beta`` may instead both be 0-dim fp32 tensors on G's device
+            (a capturable step): the kernel reads them, nothing is read on the host, and
+            ``out`` is then always read (give it).
+        ns_update: ``"triton"`` (default) or ``"cublas"``: what computes the non-final
+            updates ``X <- a X + B X`` on the kernel path (the fused update kernel, or
+            ``torch.baddbmm``: cuBLAS on a GPU, after one normalization pass); the last
+            update is always the fused epilogue. Unmeasured on a GPU so far; choose by
+            ``benchmarks/gpu_check.py``. The twin ignores it.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``; ``$RINGMASTER_BACKEND`` applies
             when this is ``"auto"``.
 
@@ -83,17 +105,20 @@ def orthogonalize(
     catalogue.check_float_tensor("G", G)
     _check_out(out, G)
     check_newton_schulz(steps, coefficients, eps)
-    _check_real("scale", scale)
-    _check_real("beta", beta)
-    if beta != 0.0 and out is None:
-        raise ValueError("beta != 0 accumulates into out, so out must be given")
+    scale = check_hyper("scale", scale, G.device)
+    beta = check_hyper("beta", beta, G.device)
+    if isinstance(scale, torch.Tensor) != isinstance(beta, torch.Tensor):
+        raise TypeError("scale and beta must both be numbers or both 0-dim tensors")
+    if (isinstance(beta, torch.Tensor) or beta != 0.0) and out is None:
+        raise ValueError("beta != 0 (or a tensor beta) accumulates into out, so out must be given")
+    catalogue.check_ns_update(ns_update)
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
     if resolve_backend(backend, G) == "triton":
         from .kernels import newton_schulz
 
-        return newton_schulz.orthogonalize(G, steps, coefficients, eps, out, compute_dtype, scale, beta)
-    return reference.orthogonalize(G, steps, coefficients, eps, out, compute_dtype, scale, beta)
+        return newton_schulz.orthogonalize(G, steps, coefficients, eps, out, compute_dtype, scale, beta, ns_update)
+    return reference.orthogonalize(G, steps, coefficients, eps, out, compute_dtype, scale, beta, ns_update)
 
 
 # ---------------------------------------------------------------- fused LMO step
@@ -187,10 +212,10 @@ def lmo_step_(
     momenta: list[torch.Tensor],
     *,
     norm: str,
-    lr: float,
-    beta: float,
+    lr: float | torch.Tensor,
+    beta: float | torch.Tensor,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     radius: float = 1.0,
     backend: str | None = "auto",
     correction: str | None = None,
@@ -218,8 +243,13 @@ def lmo_step_(
         norm: a name in ``norms.KNOWN``; ``**options`` are its options (spectral:
             ``scale``, ``steps``, ``coefficients``, ``eps``, ``compute_dtype``: the
             Newton–Schulz iteration dtype, None for the device default, bf16 on CUDA
-            and fp32 on CPU; ``torch.bfloat16`` on CPU is torch.optim.Muon's math).
+            and fp32 on CPU; ``torch.bfloat16`` on CPU is torch.optim.Muon's math;
+            ``ns_update``: "triton" or "cublas", see ``orthogonalize``).
         lr, weight_decay: finite reals. beta: in [0, 1]. radius: finite, >= 0.
+            lr, beta and weight_decay may instead all three be 0-dim fp32 tensors on
+            the params' device (a capturable step, for CUDA graphs): the kernels (and
+            the twin) read them on the device, nothing is read on the host, and their
+            values are not range-checked (that would synchronize).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (``$RINGMASTER_BACKEND`` applies
             for ``"auto"``). On Triton the whole list is a few launches: sign is one
             pass over (g, m, x); l2/rownorm/colnorm/bias_rms two; spectral and l1 a
@@ -240,9 +270,12 @@ def lmo_step_(
     spec = catalogue.get(norm)
     opts = catalogue.resolve_options(spec, options)
     radius = catalogue.check_radius(radius)
-    lr = _check_real("lr", lr)
-    beta = _check_real("beta", beta, 0.0, 1.0)
-    weight_decay = _check_real("weight_decay", weight_decay)
+    device = params[0].device if isinstance(params, (list, tuple)) and params and isinstance(params[0], torch.Tensor) else None
+    lr = check_hyper("lr", lr, device)
+    beta = check_hyper("beta", beta, device, 0.0, 1.0)
+    weight_decay = check_hyper("weight_decay", weight_decay, device)
+    if len({isinstance(v, torch.Tensor) for v in (lr, beta, weight_decay)}) > 1:
+        raise TypeError("lr, beta and weight_decay must all be numbers or all 0-dim tensors (a capturable step)")
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
     if norm == "spectral":  # before the momentum pass: nothing is written on bad settings
@@ -275,7 +308,7 @@ def lmo_step_(
 
             def direction(buf: torch.Tensor) -> None:
                 orthogonalize(buf, opts["steps"], opts["coefficients"], opts["eps"], out=buf,
-                              compute_dtype=compute, backend=backend)
+                              compute_dtype=compute, ns_update=opts["ns_update"], backend=backend)
         else:
             def direction(buf: torch.Tensor) -> None:
                 buf.copy_(reference.lmo(buf, norm).neg_())

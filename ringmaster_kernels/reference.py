@@ -36,13 +36,16 @@ def orthogonalize(
     eps: float = 1e-7,
     out: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
-    scale: float = 1.0,
-    beta: float = 0.0,
+    scale: float | torch.Tensor = 1.0,
+    beta: float | torch.Tensor = 0.0,
+    ns_update: str = "triton",
 ) -> torch.Tensor:
     """Approximate polar factor U V^T of ``G`` (..., m, n) by Newton–Schulz; see ``ops.orthogonalize``.
 
     Returns ``scale * UV^T`` in G's dtype, or writes ``beta * out + scale * UV^T`` into
-    ``out`` (which is read only when ``beta != 0``).
+    ``out`` (which is read only when ``beta != 0``, or always when beta is a tensor: its
+    value is never read on the host). ``ns_update`` is the kernels' choice of update
+    (every update here is ``torch.baddbmm``); accepted so both take the same options.
     """
     sched = schedule(coefficients, steps)
     dtype = compute_dtype or default_compute_dtype(G.device)
@@ -59,10 +62,11 @@ def orthogonalize(
         B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0.0 else b * A
         X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
     X = X.reshape(G.shape)
-    if scale != 1.0 or beta != 0.0:  # combine in (at least) fp32, rounding once into G's dtype
+    on_device = isinstance(scale, torch.Tensor) or isinstance(beta, torch.Tensor)
+    if on_device or scale != 1.0 or beta != 0.0:  # combine in (at least) fp32, rounding once into G's dtype
         wide = torch.promote_types(X.dtype, torch.float32)
         X = scale * X.to(wide)
-        if beta != 0.0:
+        if on_device or beta != 0.0:
             X = X + beta * out.to(wide)
     if out is None:  # one pass converts and lays out (X is strided like G when steps = 0)
         return X.to(G.dtype, memory_format=torch.contiguous_format)
@@ -169,11 +173,13 @@ def lmo(
     coefficients: Coefficients = "polar_express",
     eps: float = 1e-7,
     compute_dtype: torch.dtype | None = None,
+    ns_update: str = "triton",
 ) -> torch.Tensor:
     """``argmin_{||Z|| <= radius} <G, Z>`` in G's shape and dtype; see ``norms.lmo``.
 
     The keyword options only matter for ``"spectral"`` (its Newton–Schulz, the
-    iteration's ``compute_dtype``, and the scale).
+    iteration's ``compute_dtype``, and the scale; ``ns_update`` is the kernels' choice
+    and changes nothing here).
     """
     X = _wide(G)
     if norm == "spectral":
@@ -248,11 +254,17 @@ def primal_norm(G: torch.Tensor, norm: str, *, scale: str = "none") -> torch.Ten
 CORRECTIONS = (None, "difference", "vector")
 
 
+def add_scaled_(y: torch.Tensor, x: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """``y += alpha * x`` in place: torch's fused ``alpha=`` for a number, a product for a
+    (0-dim) tensor, which ``alpha=`` does not take."""
+    return y.add_(x, alpha=alpha) if not isinstance(alpha, torch.Tensor) else y.add_(alpha * x)
+
+
 def momentum_update_(
     m: torch.Tensor,
     g: torch.Tensor,
     *,
-    beta: float,
+    beta: float | torch.Tensor,
     nesterov: bool = False,
     correction: str | None = None,
     extra: torch.Tensor | None = None,
@@ -265,6 +277,7 @@ def momentum_update_(
     then ``m <- beta m + (1 - beta) s``, plus ``beta (g - e)`` (correction "difference":
     MVR) or ``beta e`` ("vector": HCM's Hessian-vector product); ``u = beta m + (1 - beta) g``
     (nesterov) or ``m``. ``e = extra`` (m's shape). The twin of the kernels' momentum pass.
+    ``beta`` may be a 0-dim tensor (read on the device).
     """
     g = g.to(m.dtype)
     source = g
@@ -273,9 +286,9 @@ def momentum_update_(
         source = h
     m.lerp_(source, 1.0 - beta)  # exact at weight 1: beta = 0 gives m = source
     if correction == "difference":
-        m.add_(g - extra.to(m.dtype), alpha=beta)
+        add_scaled_(m, g - extra.to(m.dtype), beta)
     elif correction == "vector":
-        m.add_(extra.to(m.dtype), alpha=beta)
+        add_scaled_(m, extra.to(m.dtype), beta)
     return torch.lerp(g, m, beta) if nesterov else m
 
 
@@ -285,10 +298,10 @@ def lmo_step_(
     momenta: list[torch.Tensor],
     *,
     norm: str,
-    lr: float,
-    beta: float,
+    lr: float | torch.Tensor,
+    beta: float | torch.Tensor,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     radius: float = 1.0,
     correction: str | None = None,
     extras: list[torch.Tensor] | None = None,
@@ -322,4 +335,4 @@ def lmo_step_(
     else:  # a stack of 1-D tensors would be one unit for sign/l2/l1: these stay per tensor
         directions = dict(enumerate(lmo(u, norm, radius, **options) for u in us))
     for i, x in enumerate(params):
-        x.copy_(torch.add(_wide(x) * (1.0 - lr * weight_decay), directions[i], alpha=lr))
+        x.copy_(add_scaled_(_wide(x) * (1.0 - lr * weight_decay), directions[i], lr))

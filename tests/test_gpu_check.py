@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-PHASES = ["environment", "ceilings", "correctness", "timings", "lmo_bandwidth", "bench_optim", "train", "cuda_tests"]
+PHASES = ["environment", "ceilings", "correctness", "timings", "lmo_bandwidth", "bench_optim", "capturable_step", "train",
+          "cuda_tests"]
 
 
 def _run(tmp_path, *args, env=None):
@@ -30,10 +31,13 @@ def test_cpu_smoke_runs_every_phase(tmp_path):
         assert row["finite"] and row["syrk_exactly_symmetric"]
         assert row["kernel_vs_fp64"] < 1e-4 and row["twin_vs_fp64"] < 1e-4 and row["syrk_vs_fp64"] < 1e-6
     timings = records["timings"]["result"]["shapes"]["nanochat_attn"]
-    assert {"triton", "twin_eager", "twin_compiled", "cublas_matmuls"} <= set(timings)
-    assert all("error" not in timings[k] for k in ("triton", "twin_eager", "twin_compiled", "cublas_matmuls"))
+    contestants = ("triton", "triton_cublas_updates", "twin_eager", "twin_compiled", "cublas_matmuls")
+    assert set(contestants) <= set(timings)
+    assert all("error" not in timings[k] for k in contestants)
     assert records["lmo_bandwidth"]["result"]["norms"]["sign"]["GBps"] > 0
     assert "tiny" in records["bench_optim"]["result"]["models"]
+    steps = records["capturable_step"]["result"]["steps"]
+    assert steps["eager"]["wall_ms"] > 0 and steps["capturable"]["launches"]["torch"] == 0  # Triton launches only
     assert records["cuda_tests"]["result"]["returncode"] in (0, 5)
 
 

@@ -39,10 +39,14 @@ def test_every_variant_and_config_compiles(rows):
     assert families == {"newton_schulz", "lmo"}
     assert [_name(r) + ": " + r["error"] for r in rows if not r["compiled"]] == []
     # the fast subset still spans the first (scaled) iteration, the b A addend, the
-    # accumulating epilogue and every autotune config of both Newton–Schulz kernels
+    # accumulating epilogue (with its scale and beta by value, and read from device
+    # tensors: a capturable step) and every autotune config of both Newton–Schulz kernels
     ns = [r for r in rows if r["family"] == "newton_schulz"]
     assert {r["variant"] for r in ns} >= {"HAS_Y=0 HAS_SCALE=1 SCALE_ON_LOAD=0", "HAS_Y=1 HAS_SCALE=0 SCALE_ON_LOAD=0",
-                                          "HAS_SCALE=1 SCALE_ON_LOAD=0 HAS_BETA=1"}
+                                          "HAS_SCALE=1 SCALE_ON_LOAD=0 HAS_BETA=1 HYPER_ON_DEVICE=0",
+                                          "HAS_SCALE=1 SCALE_ON_LOAD=0 HAS_BETA=1 HYPER_ON_DEVICE=1"}
+    lmo = {r["variant"] for r in rows if r["family"] == "lmo"}
+    assert any("HYPER_ON_DEVICE=1" in v for v in lmo) and any("HYPER_ON_DEVICE=0" in v for v in lmo)
 
 
 def test_no_config_spills_or_overflows_shared_memory(rows):

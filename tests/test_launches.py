@@ -145,3 +145,95 @@ def test_a_warm_step_reuses_its_address_table_and_new_tensors_get_their_own():
     ops.lmo_step_(*ref, norm="l2", backend="torch", **HYPER)
     for got, want in zip(ys + ns_, ref[0] + ref[2]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- the chosen autotune config, launched directly
+def test_an_autotuned_kernel_skips_the_autotuners_wrapper_once_its_key_is_known(monkeypatch):
+    from triton.runtime.autotuner import Autotuner
+
+    wrapper_calls, meta = [], []
+    run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: (wrapper_calls.append(self.fn.__name__), run(self, *a, **k))[1])
+    jit_run = ns._syrk_kernel.fn.run
+    monkeypatch.setattr(ns._syrk_kernel.fn, "run", lambda *a, **k: (meta.append(k), jit_run(*a, **k))[1])
+    launches.chosen_configs.clear()
+    G = _randn(2, 20, 36)
+    cold = ops.orthogonalize(G, steps=2, backend="triton")
+    assert sorted(set(wrapper_calls)) == ["_syrk_kernel", "_update_kernel"]  # each key's first launch
+    wrapper_calls.clear(), meta.clear()
+    direct = launches.chosen_configs.direct
+    warm = ops.orthogonalize(G, steps=2, backend="triton")
+    assert wrapper_calls == [] and launches.chosen_configs.direct - direct == 6  # 4 syrk + 2 update
+    assert torch.equal(cold, warm)
+    config = ns._syrk_kernel.configs[0] if len(ns._syrk_kernel.configs) == 1 else None
+    for k in meta:  # the config's meta-parameters and launch options reach the JIT function
+        assert {"BLOCK", "BLOCK_K", "num_warps", "num_stages"} <= set(k)
+        if config is not None:
+            assert k["BLOCK"] == config.kwargs["BLOCK"] and k["num_warps"] == config.num_warps
+    # another shape is another key: the autotuner's wrapper sees it first
+    ops.orthogonalize(_randn(2, 24, 36), steps=1, backend="triton")
+    assert "_syrk_kernel" in wrapper_calls
+
+
+def test_the_direct_launch_key_is_never_coarser_than_the_autotuners():
+    tuner = ns._update_kernel
+    args = tuple(range(len(tuner.arg_names)))
+    key = launches.chosen_configs._key
+    base = key(tuner, args, {"HAS_BETA": False})
+    moved = list(args)
+    moved[tuner.arg_names.index("stride_xm")] = 99  # a key argument
+    assert key(tuner, tuple(moved), {"HAS_BETA": False}) != base
+    assert key(tuner, args, {"HAS_BETA": True}) != base  # every constexpr flag
+    with_tensor = (torch.empty(1, dtype=torch.float16),) + args[1:]
+    assert key(tuner, with_tensor, {"HAS_BETA": False}) != key(
+        tuner, (torch.empty(1, dtype=torch.float32),) + args[1:], {"HAS_BETA": False})  # dtypes
+
+
+# ------------------------------------------- persistent direction buffers: a warm step builds nothing
+@pytest.mark.parametrize("norm", ["spectral", "l1"])
+def test_a_warm_direction_step_allocates_no_buffer_and_builds_no_table(norm):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(*s, generator=g).to(KERNEL_DEVICE) for s in ((20, 36), (20, 36), (16, 24))]
+    ms = [torch.zeros_like(x) for x in xs]
+    step = lambda grads: ops.lmo_step_(xs, grads, ms, norm=norm, backend="triton", **HYPER)
+    step([torch.randn(x.shape, generator=g).to(KERNEL_DEVICE) for x in xs])
+    gs = [torch.randn(x.shape, generator=g).to(KERNEL_DEVICE) for x in xs]
+    step(gs)  # these gradients' table is built here
+    builds, made = lmo_kernels._address_tables.builds, lmo_kernels._direction_buffers.allocations
+    want = [x.clone() for x in xs], [m.clone() for m in ms]
+    ops.lmo_step_(*want[:1], gs, want[1], norm=norm, backend="torch", **HYPER)
+    with launches.count_launches() as counts:
+        step(gs)
+    assert lmo_kernels._address_tables.builds == builds and lmo_kernels._direction_buffers.allocations == made
+    assert "cat" not in counts.torch  # no table built, nothing uploaded
+    for got, exp in zip(xs + ms, want[0] + want[1]):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+
+
+def test_direction_buffers_are_dropped_with_their_parameters():
+    cache = lmo_kernels._DirectionBuffers(maxsize=8)
+    xs = [torch.randn(4, 6), torch.randn(4, 6)]
+    first = cache.get(xs, [torch.Size((4, 6))], torch.float32)
+    assert first[0].shape == (2, 4, 6) and cache.get(xs, [torch.Size((4, 6))], torch.float32) is first
+    assert cache.get(xs, [torch.Size((4, 6))], torch.bfloat16) is not first  # per dtype
+    del xs
+    ys = [torch.randn(3, 5)]
+    cache.get(ys, [torch.Size((3, 5))], torch.float32)  # a miss sweeps the entries of freed parameters
+    assert len(cache._entries) == 1
+
+
+def test_launch_overhead_benchmark_runs_without_a_gpu():
+    """benchmarks/bench_launch_overhead.py times both launch paths with the JIT run stubbed
+    (no assertion on the times: only that every variant of a two-step iteration is there)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_launch_overhead.py"),
+                          "--repeats", "1", "--json"], capture_output=True, text=True, check=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": root})
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 5  # syrk: scaled first, plain, with Y; update: scaled first, accumulating last
+    assert all(set(r) == {"autotuner_us", "direct_us", "floor_us"} and min(r.values()) > 0 for r in rows.values())

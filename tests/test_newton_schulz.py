@@ -184,6 +184,70 @@ def test_scale_and_beta_fuse_a_parameter_update(backend):
     _close(out, 0.99 * W - 0.05 * direction, DEFAULT_COMPUTE)
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 20, 36), (2, 2, 17, 20)],
+                         ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("compute", [None, torch.float16, torch.float64])
+def test_cublas_updates_match_the_twin(shape, compute):
+    """ns_update="cublas": the non-final updates are torch.baddbmm on the normalized input
+    (rounded like the twin's), the last one the fused epilogue; same result as the twin."""
+    dtype = torch.float64 if compute == torch.float64 else torch.float32
+    G = _randn(*shape, dtype=dtype) * 3.0
+    out = poison_like(G)
+    got = _kernel(G, out=out, compute_dtype=compute, ns_update="cublas")
+    assert got is out
+    _close(got, _twin(G, compute_dtype=compute), compute or DEFAULT_COMPUTE)
+    _close(got, _kernel(G, compute_dtype=compute), compute or DEFAULT_COMPUTE)
+
+
+def test_cublas_updates_on_strided_input_with_a_fused_parameter_update():
+    base = _randn(3, 2, 40, 60)
+    G = base[:, 1, ::2, 1::2].mT  # (3, 30, 20): tall, strided in every dimension
+    W = _randn(3, 30, 20, seed=3)
+    got, want = W.clone(), W.clone()
+    ops.orthogonalize(G, out=got, scale=-0.05, beta=0.99, ns_update="cublas", backend="triton")
+    ops.orthogonalize(G.contiguous(), out=want, scale=-0.05, beta=0.99, backend="torch")
+    _close(got, want, DEFAULT_COMPUTE)
+
+
+def test_cublas_updates_replace_the_update_kernel_but_the_last():
+    from ringmaster_kernels.kernels import launches
+
+    with launches.count_launches() as counts:
+        _kernel(_randn(3, 20, 36), steps=4, ns_update="cublas")
+    assert counts.triton == {"_syrk_kernel": 8, "_update_kernel": 1, "_sumsq_kernel": 1, "_inverse_norm_kernel": 1}
+    assert counts.torch["baddbmm"] == 3 and counts.torch["mul"] == 1  # the normalization pass
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_tensor_scale_and_beta_are_read_on_the_device(backend):
+    """0-dim fp32 tensors (a capturable step) give the numbers' result; the kernel reads
+    the same fp32 values either way, so it is bitwise; the tensors' current value counts."""
+    G, W = _randn(2, 20, 36), _randn(2, 20, 36, seed=7)
+    by_value, by_tensor = W.clone(), W.clone()
+    ops.orthogonalize(G, out=by_value, scale=-0.05, beta=0.99, backend=backend)
+    scale, beta = torch.tensor(0.0, device=DEV), torch.tensor(0.5, device=DEV)
+    scale.fill_(-0.05), beta.fill_(0.99)  # in place, as a scheduler does
+    ops.orthogonalize(G, out=by_tensor, scale=scale, beta=beta, backend=backend)
+    if backend == "triton":
+        assert torch.equal(by_tensor, by_value)
+    _close(by_tensor, by_value, DEFAULT_COMPUTE)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(scale=torch.tensor(1.0), beta=0.5), TypeError, "both"),
+        (dict(scale=torch.tensor([1.0]), beta=torch.tensor(0.0)), ValueError, "scale as a tensor must be a 0-dim"),
+        (dict(scale=torch.tensor(1.0), beta=torch.tensor(0.0, dtype=torch.float64)), ValueError, "beta as a tensor"),
+        (dict(scale=torch.tensor(1.0), beta=torch.tensor(0.0)), ValueError, "out must be given"),
+        (dict(ns_update="cuda"), ValueError, "ns_update must be one of"),
+    ],
+)
+def test_bad_tensor_hyperparameters_and_ns_update(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.orthogonalize(torch.ones(4, 3), **kwargs)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("eps", [1e-7, 0.0])
 def test_zero_matrix_maps_to_zero(backend, eps):

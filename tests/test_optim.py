@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import KERNEL_DEVICE
 from ringmaster_kernels.coefficients import schedule
 from ringmaster_kernels.optim import Gluon, GluonAdamW, muon_groups, scion_groups
 
@@ -571,6 +572,31 @@ def test_ns_dtype_reaches_the_fused_step():
     assert not any(torch.equal(a, b) for a, b in zip(results[torch.bfloat16], results[None]))
 
 
+def test_ns_update_reaches_newton_schulz(monkeypatch):
+    """Gluon(ns_update="cublas") runs the kernels' Newton–Schulz with it (the torch.baddbmm
+    updates), and steps as the default does to fp32 rounding (interpreter: fp32)."""
+    from ringmaster_kernels.kernels import newton_schulz
+
+    seen = []
+    original = newton_schulz.orthogonalize
+    monkeypatch.setattr(newton_schulz, "orthogonalize", lambda *a, **k: (seen.append(a[-1]), original(*a, **k))[1])
+    torch.manual_seed(0)
+    x0 = [torch.randn(20, 36), torch.randn(36, 20)]
+    g = [torch.randn_like(x) for x in x0]
+    results = {}
+    for ns_update in ("cublas", "triton"):
+        ps = [nn.Parameter(x.clone().to(KERNEL_DEVICE)) for x in x0]
+        # fp32 iteration on any device, so the tolerance is fp32's
+        opt = Gluon(ps, lr=0.02, weight_decay=0.1, ns_update=ns_update, ns_dtype=torch.float32, backend="triton")
+        for p, gi in zip(ps, g):
+            p.grad = gi.clone().to(KERNEL_DEVICE)
+        opt.step()
+        results[ns_update] = ps
+    assert seen == ["cublas", "cublas", "triton", "triton"]  # one batched call per shape
+    for a, b in zip(results["cublas"], results["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_odd_layouts_noncontiguous_and_conv():
     torch.manual_seed(0)
     t = nn.Parameter(torch.randn(7, 5).t())  # non-contiguous (5, 7)
@@ -674,6 +700,8 @@ def test_sparse_grad_rejected_by_name():
         (dict(norm_options={"steps": -2}), ValueError, r"norm_options\['steps'\] must be in"),
         (dict(norm_options={"eps": "x"}), TypeError, r"norm_options\['eps'\]"),
         (dict(backend="gpu"), ValueError, "backend must be None or one of"),
+        (dict(ns_update="cuBLAS"), ValueError, r"param_groups\[0\]: ns_update must be one of"),
+        (dict(norm="sign", ns_update=None), ValueError, r"param_groups\[0\]: ns_update must be one of"),
     ],
 )
 def test_bad_options(kwargs, err, match):

@@ -60,3 +60,6 @@ def test_launch_counts_per_step_and_shape_group():
     # bookkeeping, none of it the normalization any more
     assert not {"linalg_vector_norm", "reciprocal", "where"} & set(launches["step"]["torch_by_op"])
     assert launches["step"]["torch"] > 0
+    # a capturable step (no guard; tables and direction buffers kept): the Triton launches alone
+    assert launches["step_capturable"]["triton_by_kernel"] == launches["step"]["triton_by_kernel"]
+    assert launches["step_capturable"]["torch"] == 0

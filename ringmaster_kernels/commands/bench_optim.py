@@ -15,7 +15,8 @@ same matrices:
 ``launches`` counts what one step of ``ours`` launches (after a warm-up step), for the
 whole list and for each shape group alone: Triton kernels by name and torch operators
 that run a kernel (``kernels.launches.count_launches``; with ``--backend triton`` and
-``TRITON_INTERPRET=1`` it counts the Triton path on a CPU too).
+``TRITON_INTERPRET=1`` it counts the Triton path on a CPU too); ``step_capturable`` is
+the whole list's step with ``capturable=True`` (hence ``nonfinite="ignore"``: no guard).
 
 One more row is not the same math: ``ours_fp32_ns``, Gluon iterating in fp32 (the CPU
 default; on CUDA the default is bf16, i.e. ``ours``).
@@ -80,12 +81,12 @@ def _tensors(shapes, device, dtype):
     return params
 
 
-def _gluon(shapes, device, dtype, ns_dtype, backend="auto"):
+def _gluon(shapes, device, dtype, ns_dtype, backend="auto", **options):
     from ..optim import Gluon
 
     return Gluon(_tensors(shapes, device, dtype), lr=HYPER["lr"], momentum=HYPER["momentum"], nesterov=True,
                  weight_decay=HYPER["weight_decay"], ns_coefficients="quintic", ns_dtype=ns_dtype,
-                 norm_options={"scale": "muon"}, backend=backend)
+                 norm_options={"scale": "muon"}, backend=backend, **options)
 
 
 def _optimizers(shapes, device, dtype, backend="auto"):
@@ -127,22 +128,23 @@ def _contestants(shapes, device, dtype, compile_twin: bool, backend="auto"):
 
 
 def launch_counts(shapes, device, dtype, backend: str = "auto") -> dict:
-    """Launches of one warm step of ``ours``: ``{"step": ..., "per_shape_group": {"RxC": ...}}``.
+    """Launches of one warm step of ``ours``: ``{"step": ..., "step_capturable": ...,
+    "per_shape_group": {"RxC": ...}}``.
 
     Each entry is ``count_launches().summary()``. The iteration dtype is the device's
     default: what is launched does not depend on it.
     """
     from ..kernels.launches import count_launches
 
-    def one_step(subset):
-        opt = _gluon(subset, device, dtype, None, backend)
+    def one_step(subset, **options):
+        opt = _gluon(subset, device, dtype, None, backend, **options)
         opt.step()  # the first step allocates state and autotunes
         with count_launches() as counts:
             opt.step()
         return counts.summary()
 
     groups = sorted(set(shapes))
-    return {"step": one_step(shapes),
+    return {"step": one_step(shapes), "step_capturable": one_step(shapes, capturable=True, nonfinite="ignore"),
             "per_shape_group": {f"{r}x{c}": one_step([s for s in shapes if s == (r, c)]) for r, c in groups}}
 
 
@@ -206,7 +208,9 @@ def _table(result: dict) -> str:
         for name, rel in r["agreement"].items():
             lines.append(f"    {name + ' vs float64':28s} {rel:.2e} relative")
         launches = r["launches"]
-        lines.append(f"    launches per step: {launches['step']['triton']} Triton, {launches['step']['torch']} torch ops")
+        lines.append(f"    launches per step: {launches['step']['triton']} Triton, {launches['step']['torch']} torch ops"
+                     f" (capturable: {launches['step_capturable']['triton']} Triton, "
+                     f"{launches['step_capturable']['torch']} torch ops)")
         for group, c in launches["per_shape_group"].items():
             lines.append(f"      {group:>12s}: {c['triton']} Triton, {c['torch']} torch ops")
     return "\n".join(lines)

@@ -74,8 +74,9 @@ def _record_launches(families: list[str], dtypes: list, fast: bool) -> list[tupl
                     G = torch.empty(batch, m, n, dtype=compute)
                     # 3 steps: the scaled first iteration, a plain one, the accumulating last;
                     # --fast: one step, both at once (the first iteration is the last)
-                    ns.orthogonalize(G, steps=1 if fast else 3, out=torch.empty_like(G), compute_dtype=compute,
-                                     scale=-0.1, beta=0.9)
+                    for hyper in ((-0.1, 0.9), (torch.tensor(-0.1), torch.tensor(0.9))):  # numbers; capturable
+                        ns.orthogonalize(G, steps=1 if fast else 3, out=torch.empty_like(G), compute_dtype=compute,
+                                         scale=hyper[0], beta=hyper[1])
         if "lmo" in families:
             # NanoChat lists (every row a multiple of 8: the ALIGNED variants); the full run
             # adds a ragged list for the unaligned ones
@@ -87,11 +88,13 @@ def _record_launches(families: list[str], dtypes: list, fast: bool) -> list[tupl
                 spec = catalogue.get(name)
                 recorder.context = {"shape": label, "dtype": str(dtype).replace("torch.", ""), "norm": name}
                 xs = [torch.empty(s, dtype=dtype) for s in shapes]
-                for nesterov in (False, True):
+                # numbers, without and with Nesterov; and a capturable step's device tensors
+                for nesterov, hyper in ((False, (0.01, 0.9, 0.1)), (True, (0.01, 0.9, 0.1)),
+                                        (True, tuple(map(torch.tensor, (0.01, 0.9, 0.1))))):
                     lmo_kernels.lmo_step_(xs, [torch.empty_like(x) for x in xs],
                                           [torch.empty(x.shape, dtype=torch.float32) for x in xs], spec,
-                                          lr=0.01, beta=0.9, nesterov=nesterov, weight_decay=0.1, radius=1.0,
-                                          direction=lambda buf: None)
+                                          lr=hyper[0], beta=hyper[1], nesterov=nesterov, weight_decay=hyper[2],
+                                          radius=1.0, direction=lambda buf: None)
                 if spec.mode != "direction":
                     lmo_kernels.lmo(xs[0], spec, 1.0)
     finally:
@@ -106,7 +109,7 @@ def _config_label(config) -> str:
 
 
 _FLAGS = ("HAS_Y", "HAS_SCALE", "SCALE_ON_LOAD", "HAS_BETA", "MOMENTUM", "NESTEROV", "WRITE_U", "REDUCE", "SOURCE", "SIGN", "HAS_X",
-          "ALIGNED")
+          "ALIGNED", "HYPER_ON_DEVICE")
 
 
 def _jobs(calls) -> list[dict]:

@@ -63,8 +63,9 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import required
 
-from .. import ops
+from .. import ops, reference
 from ..coefficients import POLAR_EXPRESS
+from ..optim.capturable import HYPER_KEYS
 from ..optim.composite import CompositeMixin
 from ..optim.checks import check_lr, check_number
 from ..optim.gluon import MOMENTUM, _closure_loss, _collect_grads, matrix_shape
@@ -116,6 +117,16 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
             every rank and counts it in ``skipped_steps``), "raise" or "ignore".
         fused_adamw: use ``torch.optim.AdamW(fused=True)``.
         backend: "auto" | "triton" | "torch", passed to the ops.
+        capturable: muon groups keep ``lr``, ``momentum`` and ``weight_decay``, adamw
+            groups ``lr``, as 0-dim fp32 tensors on their device, read on the device, so a
+            whole step can be captured in a CUDA graph (static shapes, every parameter
+            with a gradient). The contract is :class:`~..optim.gluon.Gluon`'s: NanoChat's
+            loop may keep writing numbers (copied in at the next eager step), but a graph
+            replays what it captured, so with graphs ``fill_`` the group tensors in
+            place. Needs ``nonfinite="ignore"``; the AdamW groups run
+            ``torch.optim.AdamW(capturable=True)`` (with ``fused_adamw=False`` that
+            needs CUDA parameters), whose betas, eps and weight decay stay numbers
+            (baked into a captured graph, as torch's AdamW does).
 
     Parameters with no gradient are left alone (their momentum too). A muon group may also
     set ``maximize``; parameters may be ``(name, tensor)`` pairs. To torch's machinery it
@@ -126,6 +137,7 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
 
     KINDS = KINDS
     OWN_KINDS = ("muon",)
+    DEVICE_KEYS = {"muon": HYPER_KEYS, "adamw": ("lr",)}
 
     def __init__(
         self,
@@ -139,8 +151,9 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
         nonfinite: str = "skip",
         fused_adamw: bool = True,
         backend: str | None = "auto",
+        capturable: bool = False,
     ) -> None:
-        self._init_guard(nonfinite)
+        self._init_guard(nonfinite, capturable)
         extras = dict(row_equilibration=row_equilibration, renormalize=renormalize,
                       variance_reduction=variance_reduction, cautious_weight_decay=cautious_weight_decay)
         self.backend = backend
@@ -155,7 +168,7 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
     def _make_inner(self, kind: str, group: dict[str, Any]) -> torch.optim.Optimizer:
         # AdamW fills its defaults into this very dict; our param_groups hold the same
         # object, which is what lets the training loop's lr rewrites reach it.
-        return torch.optim.AdamW([group], fused=self._fused_adamw)
+        return torch.optim.AdamW([group], fused=self._fused_adamw, capturable=self.capturable)
 
     def _check_new_group(self, group: dict[str, Any], where: str) -> None:
         missing = [key for key in _REQUIRED[group["kind"]] if key not in group]
@@ -164,7 +177,7 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
 
     def _check_own_group(self, group: dict[str, Any], where: str) -> None:
         _check_muon_params(group, where)
-        _check_muon_hyper(group, where)
+        _check_muon_hyper(group, where, numbers=not self.capturable)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -175,6 +188,8 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
         if not self._grads_ok(grads):
             return loss
         for gi, group in enumerate(self.param_groups):
+            if self._device_hyper is not None:  # numbers written since the last step, into the tensors
+                self._device_hyper.sync(gi, group, f"param_groups[{gi}]")
             if group["kind"] == "muon":
                 self._muon_step(group, gi)
         self._step_inner("adamw")
@@ -197,14 +212,17 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
 
     def _muon_step(self, group: dict[str, Any], gi: int) -> None:
         where = f"param_groups[{gi}]"
-        _check_muon_hyper(group, where)
+        _check_muon_hyper(group, where, numbers=not self.capturable)
         params = group["params"]
         live = [i for i, p in enumerate(params) if p.grad is not None]
         if not live:
             return
         rows, cols = matrix_shape(params[0].shape)
         state = self._group_state(params, rows, cols, group["variance_reduction"], where)
-        lr, wd = check_lr(where, group["lr"]), float(group["weight_decay"])
+        if self.capturable:  # the group's device tensors (synced in step)
+            lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+        else:
+            lr, wd, beta = check_lr(where, group["lr"]), float(group["weight_decay"]), float(group["momentum"])
         shape_scale = max(1.0, rows / cols) ** 0.5
         coefficients = nanochat_coefficients(group["ns_steps"])
         momenta = state[MOMENTUM]
@@ -216,7 +234,7 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
                 [w.view(rows, cols) for w in work],
                 torch._foreach_neg(grads) if group["maximize"] else grads,
                 [momenta[i] for i in live],
-                norm="spectral", lr=lr, beta=float(group["momentum"]), nesterov=True,
+                norm="spectral", lr=lr, beta=beta, nesterov=True,
                 weight_decay=wd * shape_scale, scale="muon", steps=len(coefficients),
                 coefficients=coefficients, eps=NANOCHAT_NS_EPS, backend=self.backend,
             )
@@ -233,7 +251,6 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
         if group["maximize"]:
             G.neg_()
         M = gather(momenta)
-        beta = float(group["momentum"])
         M.lerp_(G, 1.0 - beta)
         U = G.lerp_(M, beta)
         if index is not None:
@@ -253,7 +270,7 @@ class RingmasterMuonAdamW(CompositeMixin, torch.optim.Optimizer):
         decay = X * (lr * shape_scale * wd)
         if group["cautious_weight_decay"]:
             decay.mul_(O * X >= 0)  # decay only where the update already shrinks |x|
-        X.sub_(O, alpha=lr * shape_scale).sub_(decay)
+        reference.add_scaled_(X, O, -lr * shape_scale).sub_(decay)
         for i, x in zip(live, X):
             params[i].copy_(x.view_as(params[i]))
 
@@ -320,12 +337,14 @@ def _check_muon_params(group: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}['params'][{pi}] is on {p.device}, params[0] on {params[0].device}")
 
 
-def _check_muon_hyper(group: dict[str, Any], where: str) -> None:
-    """What the training loop may rewrite between steps; cheap, so checked every step."""
-    check_lr(where, group["lr"])
-    check_number(where, "momentum", group["momentum"], high=1.0)
+def _check_muon_hyper(group: dict[str, Any], where: str, numbers: bool = True) -> None:
+    """What the training loop may rewrite between steps; cheap, so checked every step.
+    ``numbers=False``: lr, momentum and weight decay are device tensors, not read here."""
+    if numbers:
+        check_lr(where, group["lr"])
+        check_number(where, "momentum", group["momentum"], high=1.0)
+        check_number(where, "weight_decay", group["weight_decay"])
     check_number(where, "beta2", group["beta2"], high=1.0)
-    check_number(where, "weight_decay", group["weight_decay"])
     nanochat_coefficients(group["ns_steps"])
     for key in (*EXTRAS, "maximize"):
         if not isinstance(group[key], bool):
@@ -338,7 +357,7 @@ def _factory(options: dict[str, Any]) -> Callable[..., RingmasterMuonAdamW]:
     """What replaces ``MuonAdamW``: the class itself, or the class with options bound."""
     if not options:
         return RingmasterMuonAdamW
-    unknown = set(options) - set(EXTRAS) - {"process_group", "nonfinite", "fused_adamw", "backend"}
+    unknown = set(options) - set(EXTRAS) - {"process_group", "nonfinite", "fused_adamw", "backend", "capturable"}
     if unknown:
         raise TypeError(f"unknown RingmasterMuonAdamW options: {sorted(unknown)}")
     return functools.partial(RingmasterMuonAdamW, **options)

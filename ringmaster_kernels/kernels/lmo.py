@@ -23,7 +23,10 @@ stay where the model and optimizer put them, so there is no gather/scatter copy
 (which would double the traffic of a memory-bound op). Both real CUDA and the
 ``TRITON_INTERPRET=1`` interpreter (which dereferences host addresses of CPU tensors)
 run it. The tile table and layout fields depend on shapes only and are cached; the small
-address table is rebuilt each call (gradients may be new tensors every step). Addresses
+address table is kept on the device per (plan, addresses) and only built for addresses
+it has not seen (gradients may be new tensors, though usually the same buffers); the
+spectral/l1 direction buffers are kept per (parameter list, dtype), so a warm step
+builds no table. Addresses
 carry no alignment facts, so when every row length is a multiple of 8 and every pointer
 16-byte aligned (the usual case) the kernels are launched with ALIGNED, which states
 both to the compiler: loads and stores become 128-bit (``ringmaster inspect sm90``).
@@ -33,6 +36,9 @@ RG = m per matrix for the Frobenius norm); "cols" sums a tile's rows per column,
 tiles never crossing a matrix, into group ``(row0 // H) * C + col`` (H = m). The
 atomics make the fp32 sums' rounding order run-dependent on a GPU (bitwise
 non-deterministic at the 1e-7 level).
+
+Hyperparameters: beta, lr and weight decay come as Python numbers or (a capturable step)
+as 0-dim fp32 device tensors the kernels read (HYPER_ON_DEVICE; see :mod:`.hyper`).
 """
 from __future__ import annotations
 
@@ -44,8 +50,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..backend import interpreting
+from . import hyper
 from .launches import device_guard, launch
 
 if TYPE_CHECKING:  # a hint only: the kernels read a catalogue entry, never the catalogue
@@ -97,6 +105,18 @@ def _pointer(row, field: tl.constexpr, like, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _step_scalars(beta, coef, decay, radius, ON_DEVICE: tl.constexpr):
+    """(beta, coef, decay) of an update pass as given; or (ON_DEVICE) ``beta``, ``coef`` and
+    ``decay`` point at the beta, lr and weight-decay tensors, and ``coef = -lr * radius``,
+    ``decay = 1 - lr * weight_decay`` are formed here in fp32."""
+    if ON_DEVICE:
+        lr = tl.load(coef)
+        return tl.load(beta), -lr * radius, 1.0 - lr * tl.load(decay)
+    else:
+        return beta, coef, decay
+
+
+@triton.jit
 def _momentum(g_ptr, m_ptr, e_ptr, h_ptr, offs, mask, beta, q, NESTEROV: tl.constexpr, STORE_M: tl.constexpr,
               CORRECTION: tl.constexpr, RECURSION: tl.constexpr):
     """fp32 momentum-estimator update (``reference.momentum_update_``); returns u, the LMO input.
@@ -134,11 +154,12 @@ def _stats_kernel(
     tiles, itab, stats, beta, q, G0, M0, U0, E0, H0,
     BR: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, REDUCE: tl.constexpr,
-    ALIGNED: tl.constexpr, CORRECTION: tl.constexpr, RECURSION: tl.constexpr,
+    ALIGNED: tl.constexpr, CORRECTION: tl.constexpr, RECURSION: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr,
 ):
     t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC, ALIGNED)
     g_ptr = _pointer(row, 1, G0, ALIGNED)
     if MOMENTUM:
+        beta = hyper.value(beta, HYPER_ON_DEVICE)
         m_ptr = _pointer(row, 2, M0, ALIGNED)
         e_ptr = _pointer(row, 8, E0, ALIGNED)
         h_ptr = _pointer(row, 9, H0, ALIGNED)
@@ -166,13 +187,14 @@ def _stats_kernel(
 
 @triton.jit
 def _update_kernel(
-    tiles, itab, ftab, stats, beta, q, coef, decay, X0, G0, M0, U0, E0, H0,
+    tiles, itab, ftab, stats, beta, q, coef, decay, radius, X0, G0, M0, U0, E0, H0,
     BR: tl.constexpr, BC: tl.constexpr,
     SOURCE: tl.constexpr, NESTEROV: tl.constexpr, REDUCE: tl.constexpr,
     SIGN: tl.constexpr, HAS_X: tl.constexpr, ALIGNED: tl.constexpr,
-    CORRECTION: tl.constexpr, RECURSION: tl.constexpr,
+    CORRECTION: tl.constexpr, RECURSION: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr,
 ):
     t, row, r0, r_end, C, rows, cols, row_ok, col_ok, offs, mask = _tile(tiles, itab, BR, BC, ALIGNED)
+    beta, coef, decay = _step_scalars(beta, coef, decay, radius, HYPER_ON_DEVICE)
     if SOURCE == 0:
         g_ptr = _pointer(row, 1, G0, ALIGNED)
         u = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -282,6 +304,7 @@ class _AddressTables:
         self.maxsize = maxsize
         self._tables: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()  # the async runtime may step policies from several threads
+        self.builds = 0  # tables built and uploaded (tests: a warm step builds none)
 
     def get(self, plan: "_Plan", rows: list[list[int]], tail: list[list[int]], device: torch.device) -> torch.Tensor:
         """Fields 0-3 from ``rows``, 4-7 the plan's columns, 8-9 from ``tail`` (per tensor)."""
@@ -298,6 +321,7 @@ class _AddressTables:
             host = host.pin_memory()  # an asynchronous upload needs page-locked memory
         table = host.to(device, non_blocking=True)
         with self._lock:
+            self.builds += 1
             self._tables[key] = table
             if len(self._tables) > self.maxsize:
                 self._tables.popitem(last=False)
@@ -305,6 +329,46 @@ class _AddressTables:
 
 
 _address_tables = _AddressTables()
+
+
+class _DirectionBuffers:
+    """The stacked direction buffers (one per shape) of a parameter list, per dtype.
+
+    Allocated per step they had new addresses, so the address table holding them (and a
+    CUDA graph) saw new tensors every step; kept, a warm step reuses both. The buffers
+    are scratch, written by pass 1 and read by pass 2 of the same call. An entry holds
+    weak references to its parameters' storages and is dropped once one is freed (and
+    the oldest go past ``maxsize``), so the memory stays tied to live parameters: about
+    one copy of the spectral/l1 parameters in the direction dtype.
+    """
+
+    def __init__(self, maxsize: int = 64) -> None:
+        self.maxsize = maxsize
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.allocations = 0  # entries made (tests: a warm step makes none)
+
+    def get(self, xs: Sequence[torch.Tensor], shapes: Sequence[torch.Size], dtype: torch.dtype) -> list[torch.Tensor]:
+        """One (count, *shape) buffer per entry of ``shapes`` for the list ``xs``."""
+        device = xs[0].device
+        key = (dtype, device, tuple((x.data_ptr(), tuple(x.shape)) for x in xs))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and not any(ref.expired() for ref in entry[0]):
+                self._entries.move_to_end(key)
+                return entry[1]
+            for k in [k for k, (refs, _) in self._entries.items() if any(r.expired() for r in refs)]:
+                del self._entries[k]
+            counts = collections.Counter(tuple(x.shape) for x in xs)
+            buffers = [torch.empty((counts[tuple(shape)], *shape), dtype=dtype, device=device) for shape in shapes]
+            self._entries[key] = ([StorageWeakRef(x.untyped_storage()) for x in xs], buffers)
+            self.allocations += 1
+            if len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+            return buffers
+
+
+_direction_buffers = _DirectionBuffers()
 
 
 class _Launch:
@@ -326,7 +390,10 @@ class _Launch:
         # the kernels' ALIGNED variant: every row length % 8 == 0, every pointer 16-byte aligned
         self.aligned = plan.aligned and all(a % 16 == 0 for r in rows + tail for a in r)
         self.itab = _address_tables.get(plan, rows, tail, device)
-        self.stats = torch.zeros(max(plan.n_stats, 1), dtype=torch.float32, device=device)
+        # the reductions' sums; without one (sign, spectral, l1) only a typed placeholder,
+        # so no zero-fill runs
+        self.stats = (torch.zeros(plan.n_stats, dtype=torch.float32, device=device) if plan.n_stats
+                      else torch.empty(1, dtype=torch.float32, device=device))
         # typed placeholders: kernels take pointer types from these
         self.x0, self.g0 = xs[0], gs[0]
         self.m0 = ms[0] if ms[0] is not None else self.stats
@@ -334,32 +401,41 @@ class _Launch:
         self.e0 = es[0] if es[0] is not None else self.stats
         self.h0 = hs[0] if hs[0] is not None else self.stats
         self.correction, self.recursion, self.q = 0, False, 0.0
+        self.beta, self.coef, self.decay, self.radius, self.on_device = 0.0, 0.0, 0.0, 0.0, False
+
+    def hyper(self, *, lr: float | torch.Tensor, beta: float | torch.Tensor, weight_decay: float | torch.Tensor,
+              radius: float) -> None:
+        """The update's scalars: numbers folded here, or the tensors the kernels read."""
+        self.on_device = hyper.on_device(lr, beta, weight_decay)
+        if self.on_device:  # the kernels form -lr * radius and 1 - lr * weight_decay
+            self.beta, self.coef, self.decay, self.radius = beta, lr, weight_decay, radius
+        else:
+            self.beta, self.coef, self.decay, self.radius = beta, -lr * radius, 1.0 - lr * weight_decay, radius
 
     def estimator(self, correction: str | None, recursion: bool, q: float) -> None:
         """The momentum passes' estimator terms (``reference.momentum_update_``)."""
         self.correction = {None: 0, "difference": 1, "vector": 2}[correction]
         self.recursion, self.q = recursion, q
 
-    def stats_pass(self, reduce: int, *, momentum: bool, nesterov: bool, beta: float, write_u: bool) -> None:
+    def stats_pass(self, reduce: int, *, momentum: bool, nesterov: bool, write_u: bool) -> None:
         if reduce == 0 and not (momentum or write_u):
             return
         launch(
             _stats_kernel, (self.tiles.shape[0],), self.device,
-            self.tiles, self.itab, self.stats, beta, self.q, self.g0, self.m0, self.u0, self.e0, self.h0,
+            self.tiles, self.itab, self.stats, self.beta, self.q, self.g0, self.m0, self.u0, self.e0, self.h0,
             BR=self.br, BC=self.bc, MOMENTUM=momentum, NESTEROV=nesterov, WRITE_U=write_u, REDUCE=reduce,
             ALIGNED=self.aligned, CORRECTION=self.correction if momentum else 0,
-            RECURSION=self.recursion and momentum,
+            RECURSION=self.recursion and momentum, HYPER_ON_DEVICE=self.on_device,
         )
 
-    def update_pass(self, reduce: int, source: int, *, nesterov: bool, beta: float, coef: float,
-                    decay: float, sign: bool, has_x: bool) -> None:
+    def update_pass(self, reduce: int, source: int, *, nesterov: bool, sign: bool, has_x: bool) -> None:
         launch(
             _update_kernel, (self.tiles.shape[0],), self.device,
-            self.tiles, self.itab, self.ftab, self.stats, beta, self.q, coef, decay,
+            self.tiles, self.itab, self.ftab, self.stats, self.beta, self.q, self.coef, self.decay, self.radius,
             self.x0, self.g0, self.m0, self.u0, self.e0, self.h0,
             BR=self.br, BC=self.bc, SOURCE=source, NESTEROV=nesterov, REDUCE=reduce, SIGN=sign, HAS_X=has_x,
             ALIGNED=self.aligned, CORRECTION=self.correction if source == SRC_MOMENTUM else 0,
-            RECURSION=self.recursion and source == SRC_MOMENTUM,
+            RECURSION=self.recursion and source == SRC_MOMENTUM, HYPER_ON_DEVICE=self.on_device,
         )
 
 
@@ -380,10 +456,10 @@ def lmo(G: torch.Tensor, spec: Norm, radius: float, out: torch.Tensor | None = N
     if G.numel() == 0:
         return out
     job = _Launch(spec, "none", [out], [G], [None], [None])
+    job.hyper(lr=1.0, beta=0.0, weight_decay=1.0, radius=radius)  # coef = -radius; x is not read
     reduce = _REDUCE[spec.mode]
-    job.stats_pass(reduce, momentum=False, nesterov=False, beta=0.0, write_u=False)
-    job.update_pass(reduce, SRC_G, nesterov=False, beta=0.0, coef=-radius, decay=0.0,
-                       sign=spec.mode == "sign", has_x=False)
+    job.stats_pass(reduce, momentum=False, nesterov=False, write_u=False)
+    job.update_pass(reduce, SRC_G, nesterov=False, sign=spec.mode == "sign", has_x=False)
     return out
 
 
@@ -393,10 +469,10 @@ def lmo_step_(
     momenta: Sequence[torch.Tensor],
     spec: Norm,
     *,
-    lr: float,
-    beta: float,
+    lr: float | torch.Tensor,
+    beta: float | torch.Tensor,
     nesterov: bool,
-    weight_decay: float,
+    weight_decay: float | torch.Tensor,
     radius: float,
     scale: str = "none",
     direction: Callable[[torch.Tensor], None] | None = None,
@@ -410,8 +486,10 @@ def lmo_step_(
 
     Sign: one pass. unit/rows/cols: pass 1 (momentum + reduction), pass 2 (update).
     direction (spectral, l1): pass 1 writes m and u (in ``direction_dtype``) into one
-    stacked (k, ...) buffer per shape; ``direction(buffer)`` overwrites it in place with
-    the unit-ball maximizer D (so lmo(u) = -radius * factor * D); pass 2 applies it.
+    stacked (k, ...) buffer per shape (kept across calls: :class:`_DirectionBuffers`);
+    ``direction(buffer)`` overwrites it in place with the unit-ball maximizer D (so
+    lmo(u) = -radius * factor * D); pass 2 applies it. ``lr``, ``beta``, ``weight_decay``:
+    numbers, or all three 0-dim fp32 tensors on the tensors' device, read by the kernels.
     ``correction``/``extras``/``recursion``/``q``: the estimator terms of the momentum
     pass (``ops.lmo_step_``), checked there.
     """
@@ -419,7 +497,6 @@ def lmo_step_(
     for i, (x, g) in enumerate(zip(params, grads)):
         keys.setdefault((x.dtype, g.dtype, None if extras is None else extras[i].dtype), []).append(i)
     reduce = _REDUCE[spec.mode]
-    decay = 1.0 - lr * weight_decay
     for idx in keys.values():
         xs = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
@@ -430,23 +507,22 @@ def lmo_step_(
             by_shape: dict[torch.Size, list[int]] = {}
             for j, x in enumerate(xs):
                 by_shape.setdefault(x.shape, []).append(j)
-            for shape, js in by_shape.items():
-                buf = torch.empty((len(js), *shape), dtype=direction_dtype, device=xs[0].device)
-                buffers.append(buf)
+            buffers = _direction_buffers.get(xs, list(by_shape), direction_dtype)
+            for buf, js in zip(buffers, by_shape.values()):
                 for slot, j in enumerate(js):
                     us[j] = buf[slot]
         es = None if extras is None else [extras[i] for i in idx]
         hs = None if recursion is None else [recursion[i] for i in idx]
         job = _Launch(spec, scale, xs, gs, ms, us, es, hs)
         job.estimator(correction, hs is not None, q)
+        job.hyper(lr=lr, beta=beta, weight_decay=weight_decay, radius=radius)
         if spec.mode == "sign":
             source = SRC_MOMENTUM
         else:
-            job.stats_pass(reduce, momentum=True, nesterov=nesterov, beta=beta, write_u=bool(buffers))
+            job.stats_pass(reduce, momentum=True, nesterov=nesterov, write_u=bool(buffers))
             source = SRC_DIRECTION if buffers else SRC_STATE
         for buf in buffers:
             # a direction may launch kernels of its own (Newton–Schulz): on the buffer's GPU
             with device_guard(buf.device):
                 direction(buf)
-        job.update_pass(reduce, source, nesterov=nesterov, beta=beta, coef=-lr * radius,
-                           decay=decay, sign=spec.mode == "sign", has_x=True)
+        job.update_pass(reduce, source, nesterov=nesterov, sign=spec.mode == "sign", has_x=True)

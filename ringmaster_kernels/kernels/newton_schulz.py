@@ -9,6 +9,13 @@ One iteration ``X <- a X + (b A + c A A) X`` with ``A = X X^T`` is three launche
 3. ``_update_kernel``: ``X' = B X + a X``, the ``a X`` term added in the epilogue. On the
    last step the same epilogue writes ``beta * out + scale * X'`` straight into ``out``
    (G's dtype and strides), so a spectral LMO / parameter update needs no extra pass.
+   ``scale`` and ``beta`` may be 0-dim fp32 device tensors (a capturable step): the
+   epilogue then reads them from memory (:mod:`.hyper`).
+
+``ns_update="cublas"`` runs the non-final updates (3.) as ``torch.baddbmm`` (cuBLAS on a
+GPU) instead; the input is then normalized once up front, as the twin does, since a
+matmul library takes no per-matrix input scale. Which is faster is unmeasured (no GPU
+in the task that wrote it): ``benchmarks/gpu_check.py`` times both.
 
 Every kernel takes the batch as grid axis 1, computes offsets in int64, masks ragged
 edges and accepts any strides. Tall matrices (m > n) are iterated on their transposed
@@ -29,6 +36,7 @@ import triton.language as tl
 from .. import reference
 from ..backend import interpreting
 from ..coefficients import Coefficients, schedule
+from . import hyper
 from .launches import launch
 
 # CUDA caps grid axes 1 and 2 at 65535; larger batches are launched in chunks of views.
@@ -236,14 +244,15 @@ def _update_kernel(
     stride_xb, stride_xm, stride_xn,
     stride_ob, stride_om, stride_on,
     a, out_scale, beta,
-    HAS_SCALE: tl.constexpr, SCALE_ON_LOAD: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SCALE_ON_LOAD: tl.constexpr, HAS_BETA: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr,
     COMPUTE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Out[b] = out_scale * (Bm[b] X[b] + a X[b]) (+ beta * Out[b] when HAS_BETA).
 
     Bm (M, M), X and Out (M, N). Grid: (output tiles, batch), tiles grouped GROUP_M rows
-    at a time so consecutive programs share Bm rows in L2.
+    at a time so consecutive programs share Bm rows in L2. HYPER_ON_DEVICE: out_scale and
+    beta point at fp32 scalars.
     """
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -282,11 +291,11 @@ def _update_kernel(
     if HAS_SCALE:
         if not SCALE_ON_LOAD:
             acc = acc * s
-    acc = acc * out_scale
+    acc = acc * hyper.value(out_scale, HYPER_ON_DEVICE)
     Out = Out + batch * stride_ob
     out_ptrs = Out + rows[:, None] * stride_om + cols[None, :] * stride_on
     if HAS_BETA:  # read `out` only when asked: an unwritten (e.g. NaN) out must not leak in
-        acc += beta * tl.load(out_ptrs, mask=tile_ok, other=0.0).to(ACC)
+        acc += hyper.value(beta, HYPER_ON_DEVICE) * tl.load(out_ptrs, mask=tile_ok, other=0.0).to(ACC)
     tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=tile_ok)
 
 
@@ -378,8 +387,8 @@ def update(
     out: torch.Tensor,
     *,
     a: float,
-    out_scale: float = 1.0,
-    beta: float = 0.0,
+    out_scale: float | torch.Tensor = 1.0,
+    beta: float | torch.Tensor = 0.0,
     in_scale: torch.Tensor | None = None,
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
@@ -387,13 +396,18 @@ def update(
 
     Args:
         Bm: (batch, M, M); X: (batch, M, N); out: (batch, M, N), any strides and float
-            dtypes; ``out`` is read only when ``beta != 0``.
+            dtypes; ``out`` is read only when ``beta != 0`` (always for a tensor beta:
+            its value is not looked at on the host).
+        out_scale, beta: numbers, or both 0-dim fp32 tensors on out's device.
         in_scale: optional fp32 (batch,) factor of X (both uses), applied to the fp32
             result (on load, before the cast, for fp16 compute of a wider X).
         compute_dtype: dtype of the tl.dot operands; accumulation is fp32 (fp64 for fp64).
     """
     batch, M, N = X.shape
     acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
+    on_device = hyper.on_device(out_scale, beta)
+    if not on_device:
+        out_scale, beta = float(out_scale), float(beta)
     for b, x, o, scale in _batch_parts(batch, Bm, X, out, in_scale):
         scale = o if scale is None else scale  # a placeholder pointer when HAS_SCALE is False
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), x.shape[0])
@@ -401,9 +415,9 @@ def update(
             _update_kernel, grid, out.device, b, x, o, scale,
             M, N, x.shape[0],
             *b.stride(), *x.stride(), *o.stride(),
-            float(a), float(out_scale), float(beta),
+            float(a), out_scale, beta,
             HAS_SCALE=in_scale is not None, SCALE_ON_LOAD=in_scale is not None and _scale_on_load(X.dtype, compute_dtype),
-            HAS_BETA=beta != 0.0,
+            HAS_BETA=on_device or beta != 0.0, HYPER_ON_DEVICE=on_device,
             COMPUTE=_TL_DTYPES[compute_dtype], ACC=acc, PRECISION=_precision(compute_dtype),
         )
     return out
@@ -424,8 +438,9 @@ def orthogonalize(
     eps: float = 1e-7,
     out: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
-    scale: float = 1.0,
-    beta: float = 0.0,
+    scale: float | torch.Tensor = 1.0,
+    beta: float | torch.Tensor = 0.0,
+    ns_update: str = "triton",
 ) -> torch.Tensor:
     """Triton Newton–Schulz: ``out = beta * out + scale * UV^T(G)``; see ``ops.orthogonalize``.
 
@@ -435,8 +450,12 @@ def orthogonalize(
 
     Args:
         G: (..., m, n) float tensor on a CUDA device (or CPU under TRITON_INTERPRET=1).
-        out: optional (..., m, n) tensor of G's dtype; read only when ``beta != 0``.
+        out: optional (..., m, n) tensor of G's dtype; read only when ``beta != 0`` or
+            beta is a tensor.
         compute_dtype: dtype of the iteration; bf16 on CUDA, fp32 elsewhere by default.
+        scale, beta: numbers, or both 0-dim fp32 tensors on G's device (read by the kernel).
+        ns_update: ``"triton"`` (``_update_kernel``) or ``"cublas"`` (``torch.baddbmm``)
+            for the non-final updates; the last one is always the fused Triton epilogue.
     """
     sched = schedule(coefficients, steps)
     compute = compute_dtype or reference.default_compute_dtype(G.device)
@@ -465,13 +484,23 @@ def orthogonalize(
     buffers = [torch.empty(batch, rows, cols, dtype=compute, device=G.device) for _ in range(min(steps - 1, 2))]
 
     src, src_scale = X, inv_norm
+    cublas = ns_update == "cublas" and steps > 1
+    if cublas:
+        # a matmul takes no per-matrix input scale: normalize once, in fp32 and rounded
+        # into the compute dtype as the twin does (a bf16/fp16 G widens exactly in the mul)
+        src = torch.mul(X.float() if X.dtype == torch.float64 else X, inv_norm.view(-1, 1, 1)).to(compute)
+        src_scale = None
     for t, (a, b, c) in enumerate(sched.triples):
-        last = t == steps - 1
         syrk(src, gram, in_scale=src_scale, compute_dtype=compute)
         syrk(gram, poly, alpha=c, Y=gram, beta=b, compute_dtype=compute)
-        dst = dst_final if last else buffers[t % 2]
-        update(poly, src, dst, a=a, out_scale=scale if last else 1.0, beta=beta if last else 0.0,
-               in_scale=src_scale, compute_dtype=compute)
+        if t == steps - 1:
+            update(poly, src, dst_final, a=a, out_scale=scale, beta=beta, in_scale=src_scale, compute_dtype=compute)
+            break
+        dst = buffers[t % 2]
+        if cublas:
+            torch.baddbmm(src, poly, src, beta=a, out=dst)
+        else:
+            update(poly, src, dst, a=a, in_scale=src_scale, compute_dtype=compute)
         src, src_scale = dst, None
     if target is not O3:
         out.copy_(target.view(out.shape))

@@ -39,6 +39,8 @@ class CompositeMixin(LMOStateMixin):
     KINDS: tuple[str, ...]
     OWN_KINDS: tuple[str, ...] = ()
     DEFAULT_KIND: str | None = None
+    # per kind, the group keys a capturable composite keeps as device tensors
+    DEVICE_KEYS: dict[str, tuple[str, ...]] = {}
     _inner: dict[str, torch.optim.Optimizer]
     param_groups: list[dict[str, Any]]
     state: Any
@@ -68,6 +70,7 @@ class CompositeMixin(LMOStateMixin):
             torch.optim.Optimizer.add_param_group(self, param_group)  # type: ignore[arg-type]
             try:
                 self._check_own_group(param_group, where)
+                self._adopt_device_hyper(param_group, where, self.DEVICE_KEYS.get(kind, ()))
             except (TypeError, ValueError):
                 self.param_groups.pop()
                 raise
@@ -79,6 +82,11 @@ class CompositeMixin(LMOStateMixin):
                 inner.add_param_group(param_group)
             try:
                 self._register(param_group)
+                try:
+                    self._adopt_device_hyper(param_group, where, self.DEVICE_KEYS.get(kind, ()))
+                except (TypeError, ValueError):
+                    self.param_groups.remove(param_group)
+                    raise
             except ValueError:
                 inner.param_groups.remove(param_group)
                 raise

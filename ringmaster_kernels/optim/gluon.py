@@ -31,6 +31,7 @@ import torch
 from .. import norms, ops
 from ..backend import check_backend
 from . import estimators, step_rules
+from .capturable import HYPER_KEYS, DeviceHyper
 from .checks import check_lr, check_number
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
@@ -48,7 +49,8 @@ _TORCH_INSTANCE_ATTRS = ("step", "_opt_called", "_zero_grad_profile_name")
 _BUFFERS = (MOMENTUM, "exp_avg", "exp_avg_sq", "max_exp_avg_sq", PREVIOUS, MVR_STATE)
 
 # Group keys that feed a norm option when the catalogue entry declares it.
-_NS_KEYS = {"ns_steps": "steps", "ns_coefficients": "coefficients", "ns_dtype": "compute_dtype"}
+_NS_KEYS = {"ns_steps": "steps", "ns_coefficients": "coefficients", "ns_dtype": "compute_dtype",
+            "ns_update": "ns_update"}
 
 
 def _label(group: dict[str, Any], gi: int, pi: int, p: torch.Tensor) -> str:
@@ -86,11 +88,40 @@ class LMOStateMixin:
 
     nonfinite: str
     param_groups: list[dict[str, Any]]
+    _device_hyper: DeviceHyper | None = None  # set by a capturable optimizer (see .capturable)
 
-    def _init_guard(self, nonfinite: str) -> None:
+    def _init_guard(self, nonfinite: str, capturable: bool = False) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {type(capturable).__name__}")
+        if capturable and nonfinite != "ignore":
+            raise ValueError(
+                f"capturable=True needs nonfinite='ignore', got nonfinite={nonfinite!r}: the non-finite "
+                "guard reads a device flag on the host every step (check gradients outside the captured step)"
+            )
         self.nonfinite = nonfinite
+        self._device_hyper = DeviceHyper() if capturable else None
+
+    @property
+    def capturable(self) -> bool:
+        """Whether lr, momentum and weight decay live in device tensors (a CUDA-graph step)."""
+        return self._device_hyper is not None
+
+    def _adopt_device_hyper(self, group: dict[str, Any], where: str, keys: tuple[str, ...] = HYPER_KEYS) -> None:
+        """A capturable optimizer's new group gets its device tensors (on its one device)."""
+        if self._device_hyper is None:
+            return
+        devices = {p.device for p in group["params"]}
+        if len(devices) != 1:
+            raise ValueError(f"{where}: capturable=True needs a group's parameters on one device, got {sorted(map(str, devices))}")
+        self._device_hyper.adopt(group, devices.pop(), where, keys)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch.optim's state dict; a capturable optimizer's hyperparameter tensors are copied
+        (the live ones keep changing)."""
+        state_dict = super().state_dict()  # type: ignore[misc]
+        return state_dict if self._device_hyper is None else self._device_hyper.snapshot(state_dict)
 
     @property
     def skipped_steps(self) -> int:
@@ -126,7 +157,15 @@ class LMOStateMixin:
         state_dict = dict(state_dict)
         legacy_skipped = int(state_dict.pop(SKIPPED, 0))  # saved before the count moved into the groups
         saved = {k: v[MOMENTUM] for k, v in state_dict["state"].items() if isinstance(v, dict) and MOMENTUM in v}
+        numbers = [{k for k in HYPER_KEYS if k in g and not isinstance(g[k], torch.Tensor)} for g in self.param_groups]
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        if self._device_hyper is not None:
+            self._device_hyper.reattach(self.param_groups)
+        else:  # a capturable optimizer's checkpoint: numbers where this one keeps numbers
+            for group, keys in zip(self.param_groups, numbers):
+                for key in keys:
+                    if isinstance(group.get(key), torch.Tensor):
+                        group[key] = group[key].item()
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for k, p in zip(ids, params):
@@ -255,6 +294,8 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
             ``ops.orthogonalize``); None: bf16 on CUDA, fp32 on CPU. ``torch.bfloat16``
             on CPU is ``torch.optim.Muon``'s math, and faster on CPUs with native bf16
             dot products (benchmarks/RESULTS.md); fp32 is closer to the exact polar factor.
+        ns_update: "triton" (default) or "cublas": what runs the non-final Newton–Schulz
+            updates on the kernel path (``ops.orthogonalize``); unmeasured on a GPU so far.
         norm_options: other options of the norm, e.g. ``{"scale": "muon"}`` for
             spectral (see ``norms``).
         L0, L1: give both (>= 0, not both 0) to use ``t = ||g||_* / (L0 + L1 ||g||_*)``.
@@ -273,6 +314,29 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
             ``skipped_steps``), "raise" (``FloatingPointError``) or "ignore" (no check).
         backend: "auto" | "triton" | "torch", passed to ``ops.lmo_step_``.
         maximize: step to increase the objective (the LMO of ``-g``), as in ``torch.optim``.
+        capturable: keep each group's ``lr``, ``momentum`` and ``weight_decay`` as 0-dim
+            fp32 tensors on its parameters' device, read by the kernels, so that a step
+            can be captured in a CUDA graph (static shapes). See below.
+
+    Capturable contract (``capturable=True``): nothing in ``step`` reads a device value
+    on the host (no ``.item()``, ``float(tensor)``, ``bool(tensor)``, ``nonzero`` or
+    data-dependent branch; ``kernels.launches.forbid_host_sync`` checks it). Each group's
+    ``group["lr"]`` etc. *is* its tensor: LR schedulers ``fill_`` it in place (torch's
+    convention for a tensor lr), which a replayed graph reads. A number written into the
+    group (a momentum scheduler, a training loop) is range-checked and copied into the
+    tensor at the start of the next eager step, which puts the tensor back; a captured
+    graph bakes such a copy in, so with graphs update the tensors in place. Their values
+    are not range-checked in the step (that would synchronize). The tensors stay the same
+    objects for the optimizer's life (``load_state_dict`` copies into them;
+    ``state_dict`` saves copies). Refused with a ValueError, since they need host values
+    or host work inside the step: ``nonfinite`` other than "ignore" (the guard reads a
+    device flag), step rules other than "constant" (``L0``/``L1`` included: the factor is
+    computed per tensor on the host), momentum estimators other than "ema"/"nesterov"
+    (they run the closure's backward inside the step; hcm2 draws its point on the host),
+    a group spanning devices. The first step of a shape (autotuning, address tables,
+    direction buffers) should run eagerly before capture. The kernels compute
+    ``-lr * radius`` and ``1 - lr * weight_decay`` in fp32 from the tensors, the eager
+    path in float64 before rounding, so results agree to fp32 rounding (not always bitwise).
 
     Parameters are updated in their own dtype (rounded once); the momentum buffer
     (``state[p]["momentum_buffer"]``) is fp32. Tensors of 3 or more dimensions are seen
@@ -303,8 +367,10 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         mvr_q: float = 0.1,
         step_rule: str | None = None,
         step_options: dict[str, float] | None = None,
+        ns_update: str = "triton",
+        capturable: bool = False,
     ) -> None:
-        self._init_guard(nonfinite)
+        self._init_guard(nonfinite, capturable)
         check_backend(backend)
         self.backend = backend
         defaults = dict(
@@ -312,6 +378,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
             weight_decay=weight_decay, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
             ns_dtype=ns_dtype, L0=L0, L1=L1, norm_options=norm_options, maximize=maximize,
             momentum_estimator=momentum_estimator, mvr_q=mvr_q, step_rule=step_rule, step_options=step_options,
+            ns_update=ns_update,
         )
         super().__init__(params, defaults)
 
@@ -319,7 +386,7 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
     def option_defaults(cls) -> dict[str, Any]:
         """The group options a group that sets none gets (the constructor's defaults)."""
         signature = inspect.signature(cls.__init__)
-        skip = ("self", "params", "nonfinite", "backend")
+        skip = ("self", "params", "nonfinite", "backend", "capturable")
         return {k: v.default for k, v in signature.parameters.items() if k not in skip}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -327,7 +394,10 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         try:
-            _check_group(self.param_groups[gi], gi)
+            _check_group(self.param_groups[gi], gi, numbers=not self.capturable)
+            if self.capturable:
+                _check_capturable(self.param_groups[gi], f"param_groups[{gi}]")
+            self._adopt_device_hyper(self.param_groups[gi], f"param_groups[{gi}]")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -368,13 +438,19 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
     def _group_step(self, group: dict[str, Any], gi: int, extras: dict[str, list[torch.Tensor]],
                     index: dict[torch.Tensor, int]) -> None:
         where = f"param_groups[{gi}]"
-        _check_hyper(group, where)
+        if self._device_hyper is not None:  # the device tensors, with any number written since copied in
+            hyper = self._device_hyper.sync(gi, group, where)
+            _check_hyper(group, where, numbers=False)
+            _check_capturable(group, where)
+            lr, beta, weight_decay = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        else:
+            _check_hyper(group, where)
+            lr, beta, weight_decay = float(group["lr"]), group["momentum"], group["weight_decay"]
         estimator = _estimator(group)
         rule, rule_options = _step_rule(group, where)
         options = norm_options(group)
-        common = dict(norm=group["norm"], weight_decay=group["weight_decay"], radius=group["radius"],
+        common = dict(norm=group["norm"], weight_decay=weight_decay, radius=group["radius"],
                       backend=self.backend, **options)
-        lr, beta = float(group["lr"]), group["momentum"]
         maximize = group.get("maximize", False)  # a group loaded from before maximize existed lacks it
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for p in group["params"]:
@@ -450,11 +526,14 @@ def _step_rule(group: dict[str, Any], where: str) -> tuple[step_rules.StepRule, 
     return rule, step_rules.check_options(rule, options, f"{where}: step_options")
 
 
-def _check_hyper(group: dict[str, Any], where: str) -> None:
-    """Options a scheduler or user may rewrite between steps; cheap, so checked each step."""
-    check_lr(where, group["lr"])
-    check_number(where, "momentum", group["momentum"], high=1.0)
-    check_number(where, "weight_decay", group["weight_decay"])
+def _check_hyper(group: dict[str, Any], where: str, numbers: bool = True) -> None:
+    """Options a scheduler or user may rewrite between steps; cheap, so checked each step.
+    ``numbers=False``: lr, momentum and weight decay are a capturable group's device
+    tensors, not read here."""
+    if numbers:
+        check_lr(where, group["lr"])
+        check_number(where, "momentum", group["momentum"], high=1.0)
+        check_number(where, "weight_decay", group["weight_decay"])
     check_number(where, "radius", group["radius"])
     for key in ("nesterov", "maximize"):
         if not isinstance(group.get(key, False), bool):
@@ -472,9 +551,23 @@ def _check_hyper(group: dict[str, Any], where: str) -> None:
     _step_rule(group, where)
 
 
-def _check_group(group: dict[str, Any], gi: int) -> None:
+def _check_capturable(group: dict[str, Any], where: str) -> None:
+    """ValueError naming the option a capturable step cannot run (see Gluon's contract)."""
+    rule, _ = _step_rule(group, where)
+    if rule.name != "constant":
+        raise ValueError(f"{where}: step_rule {rule.name!r} (L0/L1 give 'l0l1') computes its step size on the "
+                         "host per tensor; capturable=True supports step_rule 'constant' only")
+    estimator = _estimator(group)
+    if not estimator.fusable:
+        raise ValueError(f"{where}: momentum_estimator {estimator.name!r} runs the closure's backward inside step; "
+                         "capturable=True supports 'ema' and 'nesterov' only")
+
+
+def _check_group(group: dict[str, Any], gi: int, numbers: bool = True) -> None:
+    """A new group's options and tensors (``numbers=False``: a capturable group, whose lr,
+    momentum and weight decay its device tensors check as they are made)."""
     where = f"param_groups[{gi}]"
-    _check_hyper(group, where)
+    _check_hyper(group, where, numbers)
     if group.get("ns_dtype") is not None and not (isinstance(group["ns_dtype"], torch.dtype)
                                                   and group["ns_dtype"].is_floating_point):
         raise TypeError(f"{where}: ns_dtype must be None or a floating torch.dtype, got {group['ns_dtype']!r}")
@@ -491,6 +584,10 @@ def _check_group(group: dict[str, Any], gi: int) -> None:
             ops.check_newton_schulz(opts["steps"], opts["coefficients"], opts["eps"], names=names)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where}: {exc}") from None
+    try:
+        norms.check_ns_update(group.get("ns_update", "triton"))  # checked for every norm, used by spectral
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     for pi, p in enumerate(group["params"]):
         if not p.is_floating_point():
             raise TypeError(f"Gluon needs real floating-point parameters; {_label(group, gi, pi, p)} is {p.dtype}")
