@@ -11,6 +11,7 @@ must never run code when unpickled. Every failure to read or validate is one
 from __future__ import annotations
 
 import glob
+import math
 import os
 from typing import Any
 
@@ -82,3 +83,40 @@ def check_finite(path: str, what: str, tensors: Any) -> None:
     elif isinstance(tensors, (list, tuple)):
         for i, value in enumerate(tensors):
             check_finite(path, f"{what}[{i}]", value)
+
+
+def read_trainer_state(path: str, *, method: str, layout: list, num_workers: int, shape: torch.Size) -> dict[str, Any]:
+    """A trainer checkpoint read from the untrusted ``path`` and checked against the trainer
+    that loads it (``method``, ``layout.as_list()``, worker count, flat parameter
+    ``shape``): format, types, finite parameters and policy state, counters, totals and
+    elapsed time. Returns the state dict; its parts may still fail to fit when loaded
+    (each part's ``load_state_dict`` validates itself). ValueError naming ``path``."""
+    state = read(path)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"path: checkpoint {path!r} has format {state.get('format')!r}; this version reads {FORMAT}")
+    saved_method = require(path, state, "method", str)
+    saved_layout = require(path, state, "layout", list)
+    if saved_method != method or [(n, tuple(s)) for n, s in saved_layout] != layout:
+        raise ValueError(f"path: checkpoint {path!r} is for another model or method ({saved_method!r}); "
+                         f"this trainer runs {method!r}")
+    workers = require(path, state, "workers", list)
+    if len(workers) != num_workers:
+        raise ValueError(f"path: checkpoint {path!r} has {len(workers)} workers, this trainer {num_workers}")
+    params = require(path, state, "params", torch.Tensor)
+    if params.shape != shape:
+        raise ValueError(f"path: checkpoint {path!r}: params has shape {tuple(params.shape)}, expected {tuple(shape)}")
+    policy_state = require(path, state, "policy", dict)
+    check_finite(path, "params", params)
+    check_finite(path, "policy", policy_state)
+    counters = policy_state.get("counters", {})
+    if not all(isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("version", "accepted", "discarded")):
+        raise ValueError(f"path: checkpoint {path!r}: policy counters must be ints >= 0, got {counters!r}")
+    require(path, state, "history", dict)
+    totals = require(path, state, "totals", dict)
+    if not all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in totals.items()):
+        raise ValueError(f"path: checkpoint {path!r}: totals must map names to ints >= 0")
+    elapsed = require(path, state, "elapsed", (int, float))
+    if not (math.isfinite(elapsed) and elapsed >= 0):
+        raise ValueError(f"path: checkpoint {path!r}: elapsed must be a finite number >= 0, got {elapsed!r}")
+    require(path, state, "rng", dict)
+    return state

@@ -6,10 +6,12 @@ derive the layout from the same task), so a whole model moves with one copy.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn as nn
+
+from ..optim.update_rules import OptimizerRule, UpdateRule
 
 
 class _Groups(Protocol):
@@ -60,3 +62,39 @@ def param_layout(task: _Groups, model: nn.Module) -> tuple[FlatLayout, list[tupl
     shapes = dict((name, p.shape) for name, p in model.named_parameters())
     ordered = [name for _, names in groups.values() for name in names]
     return FlatLayout([(name, shapes[name]) for name in ordered]), list(groups.values())
+
+
+def master_update_rule(task: Any, model: nn.Module, layout: FlatLayout, master: torch.Tensor,
+                       groups: list[tuple[dict, list[str]]]) -> tuple[Any, list[int]]:
+    """What updates the flat ``master`` (on ``model``'s device) when a gradient is accepted.
+
+    A task with ``update_rule(model)`` gets ``model`` with its parameters made views of
+    ``master``, and its rule (a ``torch.optim.Optimizer`` becomes an :class:`OptimizerRule`);
+    otherwise the built-in rule's param groups are views of ``master`` per ``groups``
+    (``model``'s values copied in). Returns that rule (or those groups) and, for each
+    tensor the rule updates, its index in ``layout``. ValueError/TypeError when the rule
+    is not one, updates a tensor that is not the model's, or leaves a parameter out."""
+    factory = getattr(task, "update_rule", None)
+    if factory is None:
+        views = dict(zip(layout.names, layout.views(master)))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in layout.names:
+                views[name].copy_(params[name].detach())
+        param_groups = [{"params": [views[name] for name in names], **options} for options, names in groups]
+        return param_groups, list(range(len(layout.names)))
+    with torch.no_grad():
+        layout.bind(model, master)
+    rule = factory(model)
+    if isinstance(rule, torch.optim.Optimizer):
+        rule = OptimizerRule(rule)
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"task.update_rule must return a torch.optim.Optimizer or an UpdateRule, got {type(rule).__name__}")
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    unknown = [i for i, p in enumerate(rule.params) if id(p) not in name_of]
+    if unknown:
+        raise ValueError(f"task.update_rule: tensor {unknown[0]} of the rule is not a parameter of the model it was given")
+    missing = sorted(set(layout.names) - {name_of[id(p)] for p in rule.params})
+    if missing:
+        raise ValueError(f"task.update_rule leaves parameters without an update: {missing[:5]}")
+    return rule, [layout.index[name_of[id(p)]] for p in rule.params]

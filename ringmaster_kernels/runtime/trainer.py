@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 
 from ..optim.policies import make_policy
-from ..optim.update_rules import OptimizerRule, UpdateRule
 from . import checkpoint
-from .layout import FlatLayout, param_layout
+from .layout import FlatLayout, master_update_rule, param_layout
 from .reporting import History, progress_line, summary
 from .server import Server
 from .worker import FAULT_KINDS, Fault, Job, LocalWorker, WorkerBody, worker_main
@@ -161,7 +160,7 @@ class AsyncTrainer:
         self.model = task.build_model().to(self.server_device)
         self.layout, groups = param_layout(task, self.model)
         self.master = torch.empty(self.layout.numel, device=self.server_device)
-        rule, self.rule_order = self._update_rule(groups)
+        rule, self.rule_order = master_update_rule(task, self.model, self.layout, self.master, groups)
         self.policy = make_policy(method, rule, num_workers=self.n, **(policy_options or {}))
         self.eval_model = task.build_model().to(self.server_device)
         self._eval_flat = torch.empty(self.layout.numel, device=self.server_device)
@@ -178,36 +177,6 @@ class AsyncTrainer:
         self.exported: Any = None
         self._stop_reason = ""
         self._ran = False
-
-    def _update_rule(self, groups: list[tuple[dict, list[str]]]) -> tuple[Any, list[int]]:
-        """The task's update rule over the master model (its parameters become views of
-        ``master``), or the built-in rule's groups of master views; and for each tensor
-        the rule updates, its index in the layout."""
-        factory = getattr(self.task, "update_rule", None)
-        if factory is None:
-            views = dict(zip(self.layout.names, self.layout.views(self.master)))
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name in self.layout.names:
-                    views[name].copy_(params[name].detach())
-            param_groups = [{"params": [views[name] for name in names], **options} for options, names in groups]
-            return param_groups, list(range(len(self.layout.names)))
-        with torch.no_grad():
-            self.layout.bind(self.model, self.master)
-        rule = factory(self.model)
-        if isinstance(rule, torch.optim.Optimizer):
-            rule = OptimizerRule(rule)
-        if not isinstance(rule, UpdateRule):
-            raise TypeError(f"task.update_rule must return a torch.optim.Optimizer or an UpdateRule, got {type(rule).__name__}")
-        name_of = {id(p): name for name, p in self.model.named_parameters()}
-        unknown = [i for i, p in enumerate(rule.params) if id(p) not in name_of]
-        if unknown:
-            raise ValueError(f"task.update_rule: tensor {unknown[0]} of the rule is not a parameter of the model it was given")
-        order = [self.layout.index[name_of[id(p)]] for p in rule.params]
-        missing = sorted(set(self.layout.names) - {name_of[id(p)] for p in rule.params})
-        if missing:
-            raise ValueError(f"task.update_rule leaves parameters without an update: {missing[:5]}")
-        return rule, order
 
     # ------------------------------------------------------------------ public
     @property
@@ -404,50 +373,26 @@ class AsyncTrainer:
         if self._ran:
             raise RuntimeError("load_checkpoint must be called before run")
         path = os.fspath(path)
-        state = checkpoint.read(path)
-        if state.get("format") != checkpoint.FORMAT:
-            raise ValueError(f"path: checkpoint {path!r} has format {state.get('format')!r}; this version reads {checkpoint.FORMAT}")
-        method = checkpoint.require(path, state, "method", str)
-        layout = checkpoint.require(path, state, "layout", list)
-        if method != self.method or [(n, tuple(s)) for n, s in layout] != self.layout.as_list():
-            raise ValueError(f"path: checkpoint {path!r} is for another model or method ({method!r}); this trainer runs {self.method!r}")
-        workers = checkpoint.require(path, state, "workers", list)
-        if len(workers) != self.n:
-            raise ValueError(f"path: checkpoint {path!r} has {len(workers)} workers, this trainer {self.n}")
-        params = checkpoint.require(path, state, "params", torch.Tensor)
-        if params.shape != self.master.shape:
-            raise ValueError(f"path: checkpoint {path!r}: params has shape {tuple(params.shape)}, expected {tuple(self.master.shape)}")
-        policy_state = checkpoint.require(path, state, "policy", dict)
-        checkpoint.check_finite(path, "params", params)
-        checkpoint.check_finite(path, "policy", policy_state)
-        counters = policy_state.get("counters", {})
-        if not all(isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("version", "accepted", "discarded")):
-            raise ValueError(f"path: checkpoint {path!r}: policy counters must be ints >= 0, got {counters!r}")
-        history = checkpoint.require(path, state, "history", dict)
-        totals = checkpoint.require(path, state, "totals", dict)
-        if not all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in totals.items()):
-            raise ValueError(f"path: checkpoint {path!r}: totals must map names to ints >= 0")
-        elapsed = checkpoint.require(path, state, "elapsed", (int, float))
-        if not (math.isfinite(elapsed) and elapsed >= 0):
-            raise ValueError(f"path: checkpoint {path!r}: elapsed must be a finite number >= 0, got {elapsed!r}")
-        rng = checkpoint.require(path, state, "rng", dict)
+        state = checkpoint.read_trainer_state(path, method=self.method, layout=self.layout.as_list(),
+                                              num_workers=self.n, shape=self.master.shape)
         # Each part validates itself while loading, so a file can fail half-way: keep the
         # whole trainer as it was and put all of it back if any part does not fit.
         before = copy.deepcopy(self._state())
         try:
-            self._restore(params, policy_state, history, workers, rng)
+            self._restore(state)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-            self._restore(before["params"], before["policy"], before["history"], before["workers"], before["rng"])
+            self._restore(before)
             raise ValueError(f"path: checkpoint {path!r} does not fit this trainer: {type(exc).__name__}: {exc}") from None
-        self._elapsed_before = float(elapsed)
-        self._totals_before = Counter(totals)
+        self._elapsed_before = float(state["elapsed"])
+        self._totals_before = Counter(state["totals"])
 
-    def _restore(self, params: torch.Tensor, policy: dict, history: dict, workers: list, rng: dict) -> None:
+    def _restore(self, state: dict) -> None:
+        """Parameters, policy, history, worker positions and RNGs from a :meth:`_state` dict."""
         with torch.no_grad():
-            self.master.copy_(params)
-        self.policy.load_state_dict(policy)
-        self.history.load_state_dict(history)
-        for body, saved in zip(self.workers, workers):
+            self.master.copy_(state["params"])
+        self.policy.load_state_dict(state["policy"])
+        self.history.load_state_dict(state["history"])
+        for body, saved in zip(self.workers, state["workers"]):
             body.load_state_dict(saved)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
