@@ -13,9 +13,12 @@ only the delay rule differs. Metric: validation bits per byte.
     torchrun --nproc-per-node 5 python/nanochat_async.py --nanochat-dir ~/nanochat --distributed -- --depth=2
 
 NanoChat's data (parquet shards under $NANOCHAT_BASE_DIR, a trained tokenizer) must be
-prepared as for base_train. Writes ``--out/summary.json``, ``--out/loss_vs_time.png``,
-checkpoints under ``--out/<method>/`` and NanoChat-format checkpoints under
-``$NANOCHAT_BASE_DIR/base_checkpoints/ringmaster_<clock>_<method>_d<depth>``.
+prepared as for base_train. Each method runs ``--seeds K`` times (default 5; seeds
+``--seed`` ..); the table gives the median [min, max] over seeds, the plot the median curve
+with a min-max band. Writes ``--out/summary.json`` (every run and the aggregates),
+``--out/loss_vs_time.png``, checkpoints under ``--out/seed<s>/<method>/`` and NanoChat-format
+checkpoints under ``$NANOCHAT_BASE_DIR/base_checkpoints/ringmaster_<clock>_<method>_d<depth>``
+(the last seed's).
 """
 import argparse
 import json
@@ -46,7 +49,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--record-every", type=int, default=5, help="virtual clock: updates between val bpb evaluations")
     parser.add_argument("--base", type=float,
                         help="virtual clock: seconds per gradient of the fastest worker (default: measured on this device)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (model init, data order, time jitter)")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="runs per method, seeds --seed .. --seed + K - 1: median [min, max] in the table, "
+                             "median curve with a min-max band in the plot")
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads (process-wide)")
     parser.add_argument("--out", default="runs/nanochat_async", help="directory for summary.json, the plot, checkpoints")
     parser.add_argument("--plot", help="PNG path (default: <out>/loss_vs_time.png)")
@@ -68,6 +74,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error("--distributed runs real workers: use it with --clock real")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     return args, rest
 
 
@@ -93,27 +101,31 @@ def main(argv: list[str]) -> int:
     a = task.args
     if args.distributed:
         return run_distributed(args, task, methods, plot_path, log)
-    summaries = te.run_methods(
-        task, methods, clock=args.clock, num_workers=args.workers, profile=args.profile, seconds=args.time,
-        out=args.out, seed=args.seed, threshold=args.threshold, batch=args.batch, batch_size=a.device_batch_size,
+    result = te.run_seeds(
+        task, methods, seeds=seeds_of(args), clock=args.clock, num_workers=args.workers, profile=args.profile,
+        seconds=args.time, out=args.out, threshold=args.threshold, batch=args.batch, batch_size=a.device_batch_size,
         accum=args.accum, devices=devices, eval_every=args.eval_every, record_every=args.record_every, log=log,
         torch_threads=args.torch_threads, base_seconds=args.base)
-    return report(args, rest, summaries, plot_path)
+    return report(args, rest, result, plot_path)
 
 
-def report(args: argparse.Namespace, rest: list[str], summaries: dict, plot_path: str) -> int:
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    return list(range(args.seed, args.seed + args.seeds))
+
+
+def report(args: argparse.Namespace, rest: list[str], result: dict, plot_path: str) -> int:
     from ringmaster_kernels.runtime import task_experiment as te
     from ringmaster_kernels.runtime.reporting import json_ready
 
     title = f"NanoChat ({' '.join(rest) or 'base_train defaults'}): {args.workers} workers, {args.profile}, {args.clock} clock"
-    te.plot(summaries, plot_path, title)
-    result = {"args": vars(args), "base_train_args": rest, "methods": json_ready(summaries), "plot": plot_path}
+    te.plot(result, plot_path, title)
+    out = {"args": vars(args), "base_train_args": rest, **json_ready(result), "plot": plot_path}
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
-        json.dump(result, fh, indent=1, allow_nan=False, default=str)
+        json.dump(out, fh, indent=1, allow_nan=False, default=str)
     if args.json:
-        print(json.dumps(result, allow_nan=False, default=str))
+        print(json.dumps(out, allow_nan=False, default=str))
     else:
-        print(te.table(summaries))
+        print(te.table(result))
         print(f"summary: {os.path.join(args.out, 'summary.json')}  plot: {plot_path}")
     return 0
 
@@ -139,16 +151,20 @@ def run_distributed(args: argparse.Namespace, task, methods: list[str], plot_pat
         dist.destroy_process_group()
         return 0
     args.workers = n
-    summaries = {}
-    for method in methods:
-        trainer = AsyncTrainer(task, [distributed.RemoteWorker(r) for r in range(1, world)], method,
-                               te.policy_options(method, args.threshold, args.batch, n), server_device=device,
-                               seed=args.seed, log=log, eval_every=args.eval_every,
-                               checkpoint_path=os.path.join(args.out, method, "checkpoint.pt"))
-        summaries[method] = te.real_summary(method, trainer.run(max_time=args.time), trainer.exported)
-    te.add_time_to_reference(summaries)
+    runs = []
+    for seed in seeds_of(args):  # the server's seed (model init); each rank's data stream goes on
+        summaries = {}
+        for method in methods:
+            trainer = AsyncTrainer(task, [distributed.RemoteWorker(r) for r in range(1, world)], method,
+                                   te.policy_options(method, args.threshold, args.batch, n), server_device=device,
+                                   seed=seed, log=log, eval_every=args.eval_every,
+                                   checkpoint_path=os.path.join(args.out, f"seed{seed}", method, "checkpoint.pt"))
+            summaries[method] = te.real_summary(method, trainer.run(max_time=args.time), trainer.exported)
+        te.add_time_to_reference(summaries)
+        runs.append(summaries)
     distributed.send_exit(list(range(1, world)))
-    code = report(args, [], summaries, plot_path)
+    result = {"seeds": seeds_of(args), "runs": runs, "aggregate": te.aggregate_runs(runs)}
+    code = report(args, [], result, plot_path)
     dist.destroy_process_group()
     return code
 

@@ -155,6 +155,31 @@ def test_methods_compared_on_one_recipe(clock, tmp_path):
     json.dumps(json_ready(summaries), allow_nan=False)
 
 
+def test_methods_compared_over_seeds_with_median_and_band(tmp_path):
+    result = task_experiment.run_seeds(
+        ChatTask(), ["ringmaster", "sync"], seeds=[3, 4], clock="virtual", num_workers=3, profile="linear",
+        seconds=2.0, out=str(tmp_path), batch_size=2, record_every=2)
+    assert result["seeds"] == [3, 4] and len(result["runs"]) == 2
+    assert os.path.isdir(tmp_path / "seed3" / "sync") and os.path.isdir(tmp_path / "seed4" / "ringmaster")
+    # one time model for every seed: the base measured by the first
+    assert {run[m]["base_seconds"] for run in result["runs"] for m in run} == {result["runs"][0]["sync"]["base_seconds"]}
+    # different seeds are different runs (model init, data order)
+    assert result["runs"][0]["ringmaster"]["evals"][0][1] != result["runs"][1]["ringmaster"]["evals"][0][1]
+    for method, agg in result["aggregate"].items():
+        finals = sorted(run[method]["final_metric"] for run in result["runs"])
+        assert agg["final_metric"]["min"] == finals[0] and agg["final_metric"]["max"] == finals[1]
+        assert agg["final_metric"]["median"] == pytest.approx(sum(finals) / 2)
+        assert agg["sustained_s"]["seeds"] == 2
+    text = task_experiment.table(result)
+    assert "ringmaster" in text and "[" in text and "seeds [3, 4]" in text
+    png = task_experiment.plot(result, str(tmp_path / "bands.png"), "test")
+    assert os.path.getsize(png) > 1000
+    json.dumps(json_ready(result), allow_nan=False)
+    with pytest.raises(ValueError, match="seeds"):
+        task_experiment.run_seeds(ChatTask(), ["sync"], seeds=[1, 1], clock="virtual", num_workers=2,
+                                  profile="linear", seconds=1.0, out=str(tmp_path))
+
+
 def test_time_to_distinguishes_touch_and_stay():
     t = [0, 1, 2, 3, 4]
     assert task_experiment.time_to(t, [5, 1, 5, 1, 1], 2) == (1.0, 3.0)

@@ -8,9 +8,11 @@ ratios hold on a loaded machine. ``clock="virtual"``: the authors' protocol on o
 (:mod:`runtime.virtual`), ``tau_i = base * f(i)`` with ``base`` measured once and shared
 by every method. ``f(i)`` is ``sqrt(i)``, ``i`` or 1 (``profile``).
 
-:func:`run_methods` returns one summary per method; :func:`table` and :func:`plot` report
-them; :func:`~ringmaster_kernels.runtime.metrics.time_to` gives the first time a curve reaches a value
-and the sustained time (the first time after which it stays there up to the end of the run).
+:func:`run_methods` returns one summary per method; :func:`run_seeds` repeats it over
+seeds and aggregates (median and spread per method); :func:`table` and :func:`plot` report
+either; :func:`~ringmaster_kernels.runtime.metrics.time_to` gives the first time a curve
+reaches a value and the sustained time (the first time after which it stays there up to the
+end of the run).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 
 from ..optim.policies import METHODS, make_policy
 from . import checkpoint
-from .metrics import time_to
+from .metrics import aggregate, band, spread_text, time_to
 from .simulator import Simulation
 from .trainer import AsyncTrainer
 from .virtual import PROFILES, TaskObjective, authors_time_model, master_model, profile_factors
@@ -185,6 +187,42 @@ def run_methods(task: Any, methods: Sequence[str], *, clock: str, num_workers: i
     return summaries
 
 
+def run_seeds(task: Any, methods: Sequence[str], *, seeds: Sequence[int], out: str, clock: str,
+              base_seconds: float | None = None, **options: Any) -> dict[str, Any]:
+    """:func:`run_methods` once per seed (outputs under ``out/seed<s>/``); returns
+    ``{"seeds", "runs": [one run_methods result per seed], "aggregate": aggregate_runs(runs)}``.
+    On the virtual clock every seed uses the base time measured by the first (or
+    ``base_seconds``), so all runs share one time model."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) and x >= 0 for x in seeds):
+        raise ValueError(f"seeds must be distinct ints >= 0, at least one, got {seeds!r}")
+    runs = []
+    for seed in seeds:
+        runs.append(run_methods(task, methods, clock=clock, seed=seed, out=os.path.join(out, f"seed{seed}"),
+                                base_seconds=base_seconds, **options))
+        if clock == "virtual" and base_seconds is None:
+            base_seconds = next(iter(runs[0].values()))["base_seconds"]
+    return {"seeds": seeds, "runs": runs, "aggregate": aggregate_runs(runs)}
+
+
+def aggregate_runs(runs: Sequence[dict[str, dict]]) -> dict[str, dict]:
+    """Per method, over seeds (one :func:`run_methods` result each): median, quartiles and
+    range of the start and final metric, updates, discard rate and, when the runs include
+    the reference method, the first and sustained time to that seed's reference final."""
+    out = {}
+    for method in runs[0]:
+        records = []
+        for run in runs:
+            s = run[method]
+            record = {"start_metric": s["evals"][0][1], "final_metric": s["final_metric"],
+                      "updates": s["updates"], "discard_rate": s["discard_rate"]}
+            if s.get("target") is not None:
+                record.update(first_hit_s=s["target"]["first_hit_s"], sustained_s=s["target"]["sustained_s"])
+            records.append(record)
+        out[method] = aggregate(records, keys=tuple(records[0]))
+    return out
+
+
 def add_time_to_reference(summaries: dict[str, dict], reference: str = "sync") -> None:
     """Per method: when its metric curve first reached, and when it stayed at or below, the
     reference method's final value (keys ``first_hit_of_<ref>_final``, ``sustained_...``)."""
@@ -197,9 +235,14 @@ def add_time_to_reference(summaries: dict[str, dict], reference: str = "sync") -
         s["target"] = {"reference": reference, "value": target, "first_hit_s": first, "sustained_s": sustained}
 
 
-def table(summaries: dict[str, dict]) -> str:
-    """One row per method: metric reached, time to the sync final metric, training loss,
-    updates, discard rate, gradients per worker."""
+def table(result: dict[str, Any]) -> str:
+    """One row per method, from a :func:`run_methods` result (a single run) or a
+    :func:`run_seeds` one (cells are median [min, max] over seeds, k/K where only k seeds
+    reached a time): metric at start and end, first and sustained time to the sync final
+    metric, then (single run) training loss, updates, discard rate, gradients per worker."""
+    if "aggregate" in result:
+        return _seeds_table(result)
+    summaries = result
     first = next(iter(summaries.values()))
     metric = first["metric"]
     rows = [("method", f"{metric} start", f"{metric} final", "t->sync final (first|sustained)", "train loss",
@@ -218,8 +261,28 @@ def table(summaries: dict[str, dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
 
 
-def plot(summaries: dict[str, dict], path: str, title: str) -> str:
-    """The metric against time per method (the paper's figure style), as a PNG at ``path``."""
+def _seeds_table(result: dict[str, Any]) -> str:
+    runs, agg = result["runs"], result["aggregate"]
+    metric = next(iter(runs[0].values()))["metric"]
+    rows = [("method", f"{metric} start", f"{metric} final", "t->sync final first", "t->sync final sustained",
+             "updates", "discarded")]
+    for name, a in agg.items():
+        times = [spread_text(a[k]) if k in a else "-" for k in ("first_hit_s", "sustained_s")]
+        rows.append((name, spread_text(a["start_metric"], ".4f"), spread_text(a["final_metric"], ".4f"), *times,
+                     spread_text(a["updates"], ".0f"), spread_text(a["discard_rate"], ".1%")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines + [f"median [min, max] over seeds {result['seeds']}; times in seconds of the run's clock; "
+                              "'-': never, k/K: reached on k of K seeds"])
+
+
+def plot(result: dict[str, Any], path: str, title: str) -> str:
+    """The metric against time per method (the paper's figure style), as a PNG at ``path``:
+    one run's curves, or for a :func:`run_seeds` result the median curve over seeds with
+    a min-max band."""
+    if "runs" in result:
+        return _plot_seeds(result, path, title)
+    summaries = result
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,6 +305,33 @@ def plot(summaries: dict[str, dict], path: str, title: str) -> str:
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_seeds(result: dict[str, Any], path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    first = next(iter(runs[0].values()))
+    horizon = max(s["evals"][-1][0] for run in runs for s in run.values() if s["evals"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in runs[0]:
+        curves = [tuple(zip(*run[name]["evals"])) for run in runs if run[name]["evals"]]
+        grid, median, low, high = band(curves, horizon)
+        (line,) = ax.plot(grid, median, label=name)
+        ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel(f"{'virtual' if first['clock'] == 'virtual' else 'wall'} time (s)")
+    ax.set_ylabel(first["metric"])
+    ax.set_title(textwrap.fill(f"{title}; median over {len(runs)} seeds, band: min-max", 80), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
