@@ -82,12 +82,13 @@ class CompositeMixin(LMOStateMixin):
                 inner.add_param_group(param_group)
             try:
                 self._register(param_group)
-                try:
-                    self._adopt_device_hyper(param_group, where, self.DEVICE_KEYS.get(kind, ()))
-                except (TypeError, ValueError):
-                    self.param_groups.remove(param_group)
-                    raise
             except ValueError:
+                inner.param_groups.remove(param_group)
+                raise
+            try:
+                self._adopt_device_hyper(param_group, where, self.DEVICE_KEYS.get(kind, ()))
+            except (TypeError, ValueError):
+                self.param_groups.pop()  # _register appended it last
                 inner.param_groups.remove(param_group)
                 raise
             self._inner[kind] = inner

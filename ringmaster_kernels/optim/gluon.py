@@ -396,7 +396,8 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         try:
             _check_group(self.param_groups[gi], gi, numbers=not self.capturable)
             if self.capturable:
-                _check_capturable(self.param_groups[gi], f"param_groups[{gi}]")
+                group, where = self.param_groups[gi], f"param_groups[{gi}]"
+                _check_capturable(_step_rule(group, where)[0], _estimator(group), where)
             self._adopt_device_hyper(self.param_groups[gi], f"param_groups[{gi}]")
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -441,13 +442,14 @@ class Gluon(LMOStateMixin, torch.optim.Optimizer):
         if self._device_hyper is not None:  # the device tensors, with any number written since copied in
             hyper = self._device_hyper.sync(gi, group, where)
             _check_hyper(group, where, numbers=False)
-            _check_capturable(group, where)
             lr, beta, weight_decay = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
         else:
             _check_hyper(group, where)
             lr, beta, weight_decay = float(group["lr"]), group["momentum"], group["weight_decay"]
         estimator = _estimator(group)
         rule, rule_options = _step_rule(group, where)
+        if self._device_hyper is not None:
+            _check_capturable(rule, estimator, where)
         options = norm_options(group)
         common = dict(norm=group["norm"], weight_decay=weight_decay, radius=group["radius"],
                       backend=self.backend, **options)
@@ -551,13 +553,12 @@ def _check_hyper(group: dict[str, Any], where: str, numbers: bool = True) -> Non
     _step_rule(group, where)
 
 
-def _check_capturable(group: dict[str, Any], where: str) -> None:
-    """ValueError naming the option a capturable step cannot run (see Gluon's contract)."""
-    rule, _ = _step_rule(group, where)
+def _check_capturable(rule: step_rules.StepRule, estimator: estimators.Estimator, where: str) -> None:
+    """ValueError naming the option (a group's resolved step rule and momentum estimator)
+    a capturable step cannot run (see Gluon's contract)."""
     if rule.name != "constant":
         raise ValueError(f"{where}: step_rule {rule.name!r} (L0/L1 give 'l0l1') computes its step size on the "
                          "host per tensor; capturable=True supports step_rule 'constant' only")
-    estimator = _estimator(group)
     if not estimator.fusable:
         raise ValueError(f"{where}: momentum_estimator {estimator.name!r} runs the closure's backward inside step; "
                          "capturable=True supports 'ema' and 'nesterov' only")
