@@ -33,6 +33,18 @@ def check_hyper(name: str, value: object, device: torch.device, low: float | Non
     return _check_real(name, value, low, high)
 
 
+def check_hyper_kinds(**values: float | torch.Tensor) -> bool:
+    """Whether the (checked) hyperparameters are device tensors: all of them or none (the
+    kernels read one flag per launch); TypeError naming them otherwise."""
+    kinds = {isinstance(v, torch.Tensor) for v in values.values()}
+    if len(kinds) > 1:
+        *first, last = values
+        each = "both" if len(values) == 2 else "all"
+        raise TypeError(f"{', '.join(first)} and {last} must {each} be numbers or {each} 0-dim tensors "
+                        "(a capturable step)")
+    return kinds.pop() if kinds else False
+
+
 def check_newton_schulz(
     steps: object, coefficients: object, eps: object, *, names: tuple[str, str, str] = ("steps", "coefficients", "eps")
 ) -> None:
@@ -107,9 +119,7 @@ def orthogonalize(
     check_newton_schulz(steps, coefficients, eps)
     scale = check_hyper("scale", scale, G.device)
     beta = check_hyper("beta", beta, G.device)
-    if isinstance(scale, torch.Tensor) != isinstance(beta, torch.Tensor):
-        raise TypeError("scale and beta must both be numbers or both 0-dim tensors")
-    if (isinstance(beta, torch.Tensor) or beta != 0.0) and out is None:
+    if (check_hyper_kinds(scale=scale, beta=beta) or beta != 0.0) and out is None:
         raise ValueError("beta != 0 (or a tensor beta) accumulates into out, so out must be given")
     catalogue.check_ns_update(ns_update)
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
@@ -274,8 +284,7 @@ def lmo_step_(
     lr = check_hyper("lr", lr, device)
     beta = check_hyper("beta", beta, device, 0.0, 1.0)
     weight_decay = check_hyper("weight_decay", weight_decay, device)
-    if len({isinstance(v, torch.Tensor) for v in (lr, beta, weight_decay)}) > 1:
-        raise TypeError("lr, beta and weight_decay must all be numbers or all 0-dim tensors (a capturable step)")
+    check_hyper_kinds(lr=lr, beta=beta, weight_decay=weight_decay)
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
     if norm == "spectral":  # before the momentum pass: nothing is written on bad settings
