@@ -206,13 +206,10 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _columns(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
-
-
 def table(summaries: dict, profile: str = "linear") -> str:
     """The methods side by side, each worker's achieved speed, and what the columns mean."""
+    from ..runtime.reporting import text_table
+
     rows = [("method", "held-out start", "held-out end", "train EMA", "wall s", "updates", "upd/s", "discarded",
              "cancelled", "server CPU us/upd", "server wall us/upd", "lost workers")]
     for name, s in summaries.items():
@@ -231,7 +228,7 @@ def table(summaries: dict, profile: str = "linear") -> str:
                             f"{w['jobs_per_s']:.2f}", f"{w['gradients_per_s']:.2f}", str(w["accepted"])))
     n = max(s["workers"] for s in summaries.values())
     notes = TABLE_NOTES.format(threads=n, cores=os.cpu_count(), profile=profile)
-    return f"{_columns(rows)}\n\n{_columns(workers)}\n\n{notes}"
+    return f"{text_table(rows)}\n\n{text_table(workers)}\n\n{notes}"
 
 
 def plot(summaries: dict, path: str) -> None:

@@ -29,6 +29,7 @@ import torch
 from ..optim.policies import METHODS, make_policy
 from . import checkpoint
 from .metrics import aggregate, band, spread_text, time_to
+from .reporting import text_table
 from .simulator import Simulation
 from .trainer import AsyncTrainer
 from .virtual import PROFILES, TaskObjective, authors_time_model, master_model, profile_factors
@@ -257,8 +258,7 @@ def table(result: dict[str, Any]) -> str:
         rows.append((name, f"{s['evals'][0][1]:.4f}", f"{s['final_metric']:.4f}", reach,
                      "-" if s["train_loss"] is None else f"{s['train_loss']:.3f}", str(s["updates"]),
                      f"{s['discard_rate']:.1%}", " ".join(str(g) for g in s["gradients_per_worker"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+    return text_table(rows)
 
 
 def _seeds_table(result: dict[str, Any]) -> str:
@@ -270,10 +270,8 @@ def _seeds_table(result: dict[str, Any]) -> str:
         times = [spread_text(a[k]) if k in a else "-" for k in ("first_hit_s", "sustained_s")]
         rows.append((name, spread_text(a["start_metric"], ".4f"), spread_text(a["final_metric"], ".4f"), *times,
                      spread_text(a["updates"], ".0f"), spread_text(a["discard_rate"], ".1%")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    return "\n".join(lines + [f"median [min, max] over seeds {result['seeds']}; times in seconds of the run's clock; "
-                              "'-': never, k/K: reached on k of K seeds"])
+    return (f"{text_table(rows)}\nmedian [min, max] over seeds {result['seeds']}; times in seconds of the run's "
+            "clock; '-': never, k/K: reached on k of K seeds")
 
 
 def plot(result: dict[str, Any], path: str, title: str) -> str:
