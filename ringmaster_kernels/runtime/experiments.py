@@ -254,22 +254,22 @@ def tune(
     """
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
-        rows = []
-        best = math.inf
-        candidates = grids[method] if grids is not None else grid_for(method)
-        anchor = (anchors or {}).get(method)
-        stage = sorted(candidates, key=lambda p: (p != anchor, -p["lr"]))
-        for stage_index in range(2 if refine else 1):
-            if stage_index == 1:
-                done = [r["params"] for r in rows]
-                stage = sorted((p for p in refine_grid(min(rows, key=score)["params"]) if not _seen(p, done)),
-                               key=lambda p: -p["lr"])
+        rows: list[dict[str, Any]] = []
+
+        def run(stage: list[dict[str, float]]) -> None:
             for params in stage:
                 if progress is not None:
                     progress(f"{method} {params}")
-                record = exp.summary(exp.run(method, params, seed=seed, cut_after=best))
-                best = min(best, score(record)[0])
-                rows.append({"params": params, **record})
+                best = min((score(r)[0] for r in rows), default=math.inf)  # the bar so far
+                rows.append({"params": params, **exp.summary(exp.run(method, params, seed=seed, cut_after=best))})
+
+        candidates = grids[method] if grids is not None else grid_for(method)
+        anchor = (anchors or {}).get(method)
+        run(sorted(candidates, key=lambda p: (p != anchor, -p["lr"])))
+        if refine:
+            done = [r["params"] for r in rows]
+            run(sorted((p for p in refine_grid(min(rows, key=score)["params"]) if not _seen(p, done)),
+                       key=lambda p: -p["lr"]))
         chosen = min(rows, key=score)
         out[method] = {"best": chosen["params"], "seed": seed, "grid": sorted(rows, key=lambda r: r["params"]["lr"])}
     return out
